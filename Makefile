@@ -1,0 +1,35 @@
+# The two commands of the README. Each sets up everything it needs on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= runs/quickstart
+
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_AUTH_MODE := disabled
+
+.PHONY: demo test setup data bench clean
+
+demo: setup data
+	$(VENV)/bin/raydistill distill --preset quickstart --out $(RUN)-$$(date +%Y%m%d-%H%M%S)
+
+test: setup data
+	$(PY) -m pytest -q
+
+bench: setup data
+	$(PY) benchmarks/bench_step.py
+
+setup: $(VENV)/.installed
+
+# torch/torchvision are pinned to the builds this project is tested with; pip resolves the rest from pyproject.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+data:
+	@scripts/ensure-fashion-mnist.sh
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

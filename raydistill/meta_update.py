@@ -1,0 +1,87 @@
+"""The meta-update: Adam on the synthetic images (and learned labels), with adaptive gradient clipping.
+
+One object holds everything a parameter server must own and checkpoint: the synthetic set, the Adam moments, the
+EMA of past gradient norms and the step counter. Its state is a flat dict of tensors and numbers, so it can be saved
+without pickle.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raydistill.config import MetaOptConfig
+from raydistill.inner_opt import adam_update
+
+
+@dataclass
+class UpdateReport:
+    applied: bool  # False: the gradient was not finite and the set is unchanged
+    grad_norm: float  # before clipping
+    clip_norm: float | None  # the threshold used (None on the first step, before any EMA exists)
+
+
+class MetaOptimizer:
+    """Owns the synthetic set and applies averaged meta-gradients to it."""
+
+    def __init__(self, images: Tensor, soft_labels: Tensor | None, cfg: MetaOptConfig):
+        self.cfg = cfg
+        self.images = images.detach().clone()
+        self.soft_labels = None if soft_labels is None else soft_labels.detach().clone()
+        self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self._tensors().items()}
+        self.grad_norm_ema: float | None = None
+        self.updates = 0  # applied updates (Adam's t)
+        self.skipped = 0  # non-finite gradients dropped
+
+    def _tensors(self) -> dict[str, Tensor]:
+        out = {"images": self.images}
+        if self.soft_labels is not None:
+            out["soft_labels"] = self.soft_labels
+        return out
+
+    def step(self, grad_images: Tensor, grad_labels: Tensor | None = None) -> UpdateReport:
+        """Clip, then one Adam step; a non-finite gradient is dropped and changes nothing."""
+        grads = {"images": grad_images}
+        if self.soft_labels is not None:
+            if grad_labels is None:
+                raise ValueError("learned labels need a label gradient")
+            grads["soft_labels"] = grad_labels
+        norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads.values()))
+        if not math.isfinite(norm):
+            self.skipped += 1
+            return UpdateReport(False, norm, None)
+
+        clip = None if self.grad_norm_ema is None else self.cfg.clip_factor * self.grad_norm_ema
+        scale = 1.0 if clip is None or norm <= clip else clip / norm
+        # The EMA tracks clipped norms, so one outlier cannot raise the threshold for the steps after it.
+        clipped_norm = norm * scale
+        d = self.cfg.ema_decay
+        self.grad_norm_ema = clipped_norm if self.grad_norm_ema is None else d * self.grad_norm_ema + (1 - d) * clipped_norm
+
+        self.updates += 1
+        for name, tensor in self._tensors().items():
+            lr = self.cfg.lr * (self.cfg.label_lr_scale if name == "soft_labels" else 1.0)
+            m, v = self.moments[name]
+            new, m, v = adam_update(tensor, grads[name].to(tensor.dtype) * scale, m, v, self.updates, lr)
+            tensor.copy_(new)
+            self.moments[name] = (m, v)
+        if self.soft_labels is not None:
+            self.soft_labels.clamp_(min=0)
+        return UpdateReport(True, norm, clip)
+
+    def state_dict(self) -> dict:
+        state: dict = {"updates": self.updates, "skipped": self.skipped, "grad_norm_ema": self.grad_norm_ema}
+        for name, tensor in self._tensors().items():
+            m, v = self.moments[name]
+            state[name], state[f"{name}.m"], state[f"{name}.v"] = tensor.clone(), m.clone(), v.clone()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
+        self.grad_norm_ema = None if state["grad_norm_ema"] is None else float(state["grad_norm_ema"])
+        for name, tensor in self._tensors().items():
+            tensor.copy_(state[name])
+            self.moments[name] = (state[f"{name}.m"].clone(), state[f"{name}.v"].clone())

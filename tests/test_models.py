@@ -1,0 +1,120 @@
+"""Model registry, shapes, norm choices, reproducible init and double backward under functional_call."""
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.func import functional_call
+
+from raydistill.config import ConfigError
+from raydistill.models import MODELS, create_model
+
+SHAPES = [(1, 28), (3, 32), (3, 64)]  # (channels, size): Fashion-MNIST, CIFAR, Tiny-ImageNet-like
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels,size", SHAPES)
+def test_logits_shape(name, channels, size):
+    torch.manual_seed(0)
+    model = create_model(name, channels, 10, size, width=16)
+    out = model(torch.randn(2, channels, size, size))
+    assert out.shape == (2, 10)
+    assert torch.isfinite(out).all()
+
+
+def test_convnet_depth4_at_64():
+    model = create_model("convnet", 3, 7, 64, width=8, depth=4)
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+    assert model.head.in_features == 8 * 4 * 4
+
+
+def test_convnet_depth3_at_28_has_3x3_map():
+    assert create_model("convnet", 1, 10, 28, width=8).head.in_features == 8 * 3 * 3
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ConfigError) as info:
+        create_model("lenet9000", 3, 10, 32)
+    message = str(info.value)
+    assert "\n" not in message and "lenet9000" in message
+    assert all(name in message for name in MODELS)
+
+
+def test_unknown_norm_and_too_deep_convnet():
+    with pytest.raises(ConfigError, match="model.norm"):
+        create_model("convnet", 3, 10, 32, norm="layer")
+    with pytest.raises(ConfigError, match="model.depth"):
+        create_model("convnet", 1, 10, 28, depth=5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_norm_option_picks_modules(name):
+    def kinds(norm):
+        model = create_model(name, 3, 10, 32, width=8, norm=norm)
+        return {type(m) for m in model.modules()}
+
+    assert nn.GroupNorm in kinds("instance") and nn.BatchNorm2d not in kinds("instance")
+    assert nn.BatchNorm2d in kinds("batch") and nn.GroupNorm not in kinds("batch")
+    assert nn.GroupNorm not in kinds("none") and nn.BatchNorm2d not in kinds("none")
+
+
+def test_instance_norm_is_one_group_per_channel():
+    model = create_model("convnet", 3, 10, 32, width=8)
+    norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 3 and all(m.num_groups == m.num_channels == 8 and m.affine for m in norms)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_init_reproducible_under_seed(name):
+    def build():
+        torch.manual_seed(123)
+        return create_model(name, 3, 10, 32, width=8)
+
+    a, b = build().state_dict(), build().state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(124)
+    c = create_model(name, 3, 10, 32, width=8).state_dict()
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def _double_backward(name, norm, channels=1, size=28, **kw):
+    """d/dx of ||d loss / d params||^2, with params passed through functional_call in float64."""
+    torch.manual_seed(0)
+    model = create_model(name, channels, 10, size, norm=norm, **kw).double()
+    params = {k: v.detach().clone().requires_grad_(True) for k, v in model.named_parameters()}
+    x = torch.randn(4, channels, size, size, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 1, 2, 3])
+    loss = nn.functional.cross_entropy(functional_call(model, params, (x,)), y)
+    grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
+    meta = sum((g * g).sum() for g in grads)  # depends on x only through the parameter gradients
+    (gx,) = torch.autograd.grad(meta, x)
+    assert gx.shape == x.shape and gx.dtype == torch.float64
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm", ["instance", "batch", "none"])
+def test_convnet_double_backward_float64(norm):
+    _double_backward("convnet", norm, width=8)
+
+
+@pytest.mark.parametrize("name", ["alexnet", "vgg11", "resnet18"])
+def test_other_models_double_backward_float64(name):
+    _double_backward(name, "instance", channels=3, size=16 if name == "alexnet" else 8)
+
+
+def test_convnet_gradcheck_hessian_vector():
+    """A numerically checked second derivative through functional_call, on a tiny ConvNet."""
+    torch.manual_seed(0)
+    model = create_model("convnet", 1, 3, 8, width=2, depth=2).double()
+    names = [k for k, _ in model.named_parameters()]
+    params = [p.detach().clone() for p in model.parameters()]
+    x = torch.randn(2, 1, 8, 8, dtype=torch.float64, requires_grad=True)
+    head_w = names.index("head.weight")
+
+    def grad_of_head(x):
+        ps = [p.requires_grad_(True) for p in params]
+        out = functional_call(model, dict(zip(names, ps)), (x,))
+        (g,) = torch.autograd.grad(out.logsumexp(1).sum(), [ps[head_w]], create_graph=True)
+        return g
+
+    assert torch.autograd.gradcheck(grad_of_head, (x,))
