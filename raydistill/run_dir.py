@@ -1,0 +1,113 @@
+"""The run directory: one self-describing folder per run (config, metrics, artifact, evaluation, image grid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+
+from raydistill import __version__
+from raydistill.artifact import (
+    DISTILLED_FILE,
+    EVAL_FILE,
+    METRICS_FILE,
+    DistilledSet,
+    read_distilled,
+    save_grid,
+    to_display,
+    write_distilled,
+    write_zca,
+)
+from raydistill.atomic import atomic_write_json, atomic_write_text
+from raydistill.config import ConfigError, DistillConfig, config_from_dict, config_to_dict
+from raydistill.data import Dataset
+
+ARTIFACT, METRICS, EVAL = DISTILLED_FILE, METRICS_FILE, EVAL_FILE
+GRID = "grid.png"
+CONFIG = "config.yaml"
+
+
+def prepare(run_dir: str | Path) -> Path:
+    """Create a fresh run directory; an existing non-empty one is never written into."""
+    path = Path(run_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(f"--out: {path} already exists and is not empty; choose a new directory or remove it")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_config(run_dir: Path, cfg: DistillConfig) -> None:
+    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def save_distilled(
+    run_dir: Path,
+    images: torch.Tensor,
+    hard_labels: torch.Tensor,
+    soft_labels: torch.Tensor | None,
+    blocks: torch.Tensor | None,
+    dataset: Dataset,
+    cfg: DistillConfig,
+    extra: dict | None = None,
+) -> DistilledSet:
+    """Write distilled.parquet (with its metadata), the ZCA transform if used, and a PNG grid of the images."""
+    images = images.detach().float().cpu()
+    metadata = {
+        "dataset": dataset.name,
+        "class_names": list(dataset.class_names),
+        "image_shape": list(dataset.image_shape),
+        "normalisation": {"mean": list(dataset.mean), "std": list(dataset.std)},
+        "zca": dataset.zca is not None,
+        "ipc": cfg.ipc,
+        "eval_recipe": config_to_dict(cfg.eval),
+        "config": config_to_dict(cfg),
+        "code_version": __version__,
+        **(extra or {}),
+    }
+    dset = DistilledSet(
+        images=images,
+        labels=hard_labels.detach().cpu().long(),
+        soft_labels=None if soft_labels is None else soft_labels.detach().float().cpu(),
+        blocks=torch.zeros(len(images), dtype=torch.int32) if blocks is None else blocks.cpu().int(),
+        metadata=metadata,
+    )
+    if dataset.zca is not None:
+        write_zca(run_dir, dataset.zca.to_arrays())
+    write_distilled(run_dir / ARTIFACT, dset)
+    zca_inverse = None if dataset.zca is None else (lambda x: dataset.zca.inverse(torch.as_tensor(x)).numpy())
+    # One row per class: the artifact is class-major within each block.
+    order = torch.argsort(dset.labels, stable=True)
+    display = to_display(images[order].numpy(), dataset.mean, dataset.std, zca_inverse)
+    save_grid(run_dir / GRID, display, nrow=max(1, len(images) // dataset.num_classes))
+    return dset
+
+
+def load_run(run_dir: str | Path) -> tuple[DistilledSet, DistillConfig]:
+    """The distilled set of a run and the config it was made with (validated again: paths may have moved)."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"RUN_DIR: {path} is not a directory; pass the --out folder of a 'raydistill distill' run")
+    dset = read_distilled(path / ARTIFACT)
+    cfg = config_from_dict(dset.metadata["config"])
+    return dset, cfg
+
+
+def write_eval(run_dir: Path, report: dict) -> dict:
+    """Write eval.json, keeping results already there for architectures this report did not cover."""
+    path = run_dir / EVAL
+    if path.exists():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = {}
+        if old.get("split") == report["split"] and old.get("ipc") == report["ipc"]:
+            for key in ("results", "baseline"):
+                report[key] = {**old.get(key, {}), **report[key]}
+    atomic_write_json(path, report)
+    return report
+
+
+def targets_of(dset: DistilledSet) -> torch.Tensor:
+    return dset.soft_labels if dset.soft_labels is not None else dset.labels
