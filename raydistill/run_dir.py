@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -77,11 +78,25 @@ def save_distilled(
         write_zca(run_dir, dataset.zca.to_arrays())
     write_distilled(run_dir / ARTIFACT, dset)
     zca_inverse = None if dataset.zca is None else (lambda x: dataset.zca.inverse(torch.as_tensor(x)).numpy())
-    # One row per class: the artifact is class-major within each block.
-    order = torch.argsort(dset.labels, stable=True)
-    display = to_display(images[order].numpy(), dataset.mean, dataset.std, zca_inverse)
-    save_grid(run_dir / GRID, display, nrow=max(1, len(images) // dataset.num_classes))
+    display = to_display(images.numpy(), dataset.mean, dataset.std, zca_inverse)
+    save_grid(run_dir / GRID, stretch(display[grid_order(dset.labels)]), nrow=dataset.num_classes)
     return dset
+
+
+def grid_order(labels: torch.Tensor) -> torch.Tensor:
+    """One column per class, the k-th image of every class on row k."""
+    rank = torch.zeros_like(labels)
+    for c in labels.unique():
+        where = labels == c
+        rank[where] = torch.arange(int(where.sum()))
+    return torch.argsort(rank * (int(labels.max()) + 1) + labels)
+
+
+def stretch(images: np.ndarray) -> np.ndarray:
+    """Scale each image to its own [min, max]: distilled images often span a narrow range around the mean."""
+    lo = images.min(axis=(1, 2, 3), keepdims=True)
+    hi = images.max(axis=(1, 2, 3), keepdims=True)
+    return (images - lo) / np.maximum(hi - lo, 1e-8)
 
 
 def load_run(run_dir: str | Path) -> tuple[DistilledSet, DistillConfig]:

@@ -65,12 +65,27 @@ def test_show_summarises_the_run(run, capsys):
     assert "fashion-mnist" in out and "random real subset" in out
 
 
-def test_eval_adds_an_architecture_and_keeps_the_others(run, capsys):
-    assert main(["eval", str(run), "--arch", "alexnet", "--models", "1", "--quiet"]) == 0
-    assert "alexnet: distilled" in capsys.readouterr().out
+@pytest.fixture
+def linear_arch():
+    """A registered one-layer model: `eval --arch` works for any registry entry, and this one is fast on CPU."""
+    from torch import nn
+
+    from raydistill.models import MODELS, register_model
+
+    @register_model("test-linear")
+    def build(in_channels, num_classes, image_size, **_):
+        return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size * image_size, num_classes))
+
+    yield "test-linear"
+    del MODELS["test-linear"]
+
+
+def test_eval_adds_an_architecture_and_keeps_the_others(run, linear_arch, capsys):
+    assert main(["eval", str(run), "--arch", linear_arch, "--models", "1", "--quiet"]) == 0
+    assert f"{linear_arch}: distilled" in capsys.readouterr().out
     report = json.loads((run / "eval.json").read_text())
-    assert set(report["results"]) == {"convnet", "alexnet"}
-    assert len(report["results"]["alexnet"]["accs"]) == 1
+    assert set(report["results"]) == {"convnet", linear_arch}
+    assert len(report["results"][linear_arch]["accs"]) == 1 and len(report["results"]["convnet"]["accs"]) == 2
 
 
 def test_eval_rejects_unknown_arch_and_missing_run(run, tmp_path, capsys):
@@ -90,3 +105,12 @@ def test_an_existing_run_is_never_overwritten(run, capsys):
 def test_presets_command_lists_quickstart(capsys):
     assert main(["presets"]) == 0
     assert "quickstart" in capsys.readouterr().out
+
+
+def test_grid_puts_one_class_per_column():
+    import torch
+
+    from raydistill.run_dir import grid_order
+
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]
