@@ -16,6 +16,10 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set ratbptt.window=40 (repeatable)")
     p.add_argument("--out", help="run directory to create (default: runs/PRESET-TIMESTAMP)")
+    p.add_argument("--workers", type=int, metavar="K", help="meta-gradient workers (ray.workers)")
+    p.add_argument("--mode", help="sync (average K gradients per step) or async (ray.mode)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-set evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -41,11 +45,21 @@ def parser() -> argparse.ArgumentParser:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from raydistill.distill import distill
+    from raydistill.engine import distill_on_ray
 
-    cfg = load_config(args.preset, args.overrides)
-    out = args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    summary = distill(cfg, out, progress=not args.quiet, evaluate=not args.no_eval)
+    flags = {"ray.workers": args.workers, "ray.mode": args.mode, "ray.address": args.address}
+    overrides = args.overrides + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.resume:
+        if overrides:
+            raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--workers/--mode/--address")
+        summary = distill_on_ray(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval)
+        if summary.get("finished"):
+            print(f"{args.resume} is already finished; nothing to do (see: raydistill show {args.resume})")
+            return 0
+    else:
+        cfg = load_config(args.preset, overrides)
+        out = args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        summary = distill_on_ray(cfg, out, progress=not args.quiet, evaluate=not args.no_eval)
     print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
     return 0
 

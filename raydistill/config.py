@@ -23,6 +23,7 @@ INIT_MODES = ("noise", "real")
 NORMS = ("instance", "batch", "none")
 AUGMENTATIONS = ("flip", "rotate")
 EVAL_RECIPES = ("adam", "sgd")
+RAY_MODES = ("sync", "async")
 
 
 class ConfigError(ValueError):
@@ -100,6 +101,19 @@ class EvalConfig:
 
 
 @dataclass
+class RayConfig:
+    workers: int = 1  # K meta-gradient workers
+    mode: str = "sync"  # sync: average K gradients per step; async: apply as they arrive
+    max_staleness: int = 2  # async: drop gradients computed on a snapshot more than this many versions old
+    checkpoint_every: int = 50  # meta-steps between parameter-server checkpoints
+    address: str | None = None  # None: an embedded local Ray (or RAY_ADDRESS); "auto": a running cluster
+    gpus_per_worker: float = 1.0  # used when the cluster has GPUs; fractions share a GPU
+    cpus_per_worker: float = 1.0  # used when it has none
+    worker_threads: int = 1  # torch threads in each worker
+    placement_timeout_s: float = 120.0  # give up (with a clear error) if workers cannot be placed by then
+
+
+@dataclass
 class DistillConfig:
     ipc: int = 10  # images per class
     steps: int = 1000  # meta-steps
@@ -114,6 +128,7 @@ class DistillConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 # ---------------------------------------------------------------------------------------------- dict <-> config
@@ -281,6 +296,17 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"eval.every: must be >= 0, got {e.every}")
     _positive(e.val_models, "eval.val_models")
     _positive(e.val_steps, "eval.val_steps")
+
+    rc = cfg.ray
+    _positive(rc.workers, "ray.workers")
+    _choice(rc.mode, RAY_MODES, "ray.mode")
+    if rc.max_staleness < 0:
+        raise ConfigError(f"ray.max_staleness: must be >= 0, got {rc.max_staleness}")
+    _positive(rc.checkpoint_every, "ray.checkpoint_every")
+    _positive(rc.gpus_per_worker, "ray.gpus_per_worker")
+    _positive(rc.cpus_per_worker, "ray.cpus_per_worker")
+    _positive(rc.worker_threads, "ray.worker_threads")
+    _positive(rc.placement_timeout_s, "ray.placement_timeout_s")
 
 
 def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, num_val: int) -> None:

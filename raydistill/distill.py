@@ -1,4 +1,8 @@
-"""Distillation on one machine: the RaT-BPTT outer loop, validation-based selection, the artifact and its report."""
+"""Distillation in one process: the RaT-BPTT outer loop, validation-based selection, the artifact and its report.
+
+The CLI runs distillation on Ray (raydistill.engine); this loop is the reference it must match bit for bit with one
+worker, and a Ray-free entry point for notebooks and debugging. The helpers here are shared by both.
+"""
 
 from __future__ import annotations
 
@@ -86,13 +90,16 @@ def distill(cfg: DistillConfig, out: str | Path, progress: bool = True, evaluate
         record = {"step": step + 1, "meta_loss": g.meta_loss, "start": g.start, "window": g.window,
                   "grad_norm": report.grad_norm, "applied": report.applied, "skipped": meta.skipped,
                   "seconds": round(g.seconds, 4)}
+        append_jsonl(run / rundir.METRICS, record)
+        postfix = {"meta_loss": f"{g.meta_loss:.3f}"}
         if cfg.eval.every and ((step + 1) % cfg.eval.every == 0 or step + 1 == cfg.steps):
             snap = snapshot()
-            record["val_acc"] = validation_accuracy(snap, dataset, cfg, device)
-            if best is None or record["val_acc"] > best[0]:
-                best = (record["val_acc"], step + 1, snap)
-        append_jsonl(run / rundir.METRICS, record)
-        bar.set_postfix(meta_loss=f"{g.meta_loss:.3f}", **({"val": f"{record['val_acc']:.1f}"} if "val_acc" in record else {}))
+            acc = validation_accuracy(snap, dataset, cfg, device)
+            append_jsonl(run / rundir.METRICS, {"step": step + 1, "val_acc": acc})
+            postfix["val"] = f"{acc:.1f}"
+            if best is None or acc > best[0]:
+                best = (acc, step + 1, snap)
+        bar.set_postfix(postfix)
         bar.update()
     bar.close()
 

@@ -22,7 +22,7 @@ def sets(overrides):
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(ray_session, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     assert main(["distill", "--preset", "quickstart", *sets(TINY), "--out", str(out), "--quiet"]) == 0
     return out
@@ -32,9 +32,10 @@ def test_run_directory_is_complete(run):
     for name in ("distilled.parquet", "metrics.jsonl", "eval.json", "grid.png", "config.yaml"):
         assert (run / name).is_file(), name
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    assert all(m["applied"] for m in metrics)
-    assert [m["step"] for m in metrics if "val_acc" in m] == [2, 4]  # selection on the validation split
+    steps = [m for m in metrics if "meta_loss" in m]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4] and all(m["applied"] for m in steps)
+    assert sorted(m["step"] for m in metrics if "val_acc" in m) == [2, 4]  # selection on the validation split
+    assert list((run / "checkpoints").glob("ckpt-*.rdck"))
 
 
 def test_artifact_holds_the_distilled_set_and_its_description(run):
@@ -96,10 +97,13 @@ def test_eval_rejects_unknown_arch_and_missing_run(run, tmp_path, capsys):
 
 
 def test_an_existing_run_is_never_overwritten(run, capsys):
-    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    def contents():
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    before = contents()
     assert main(["distill", *sets(TINY), "--out", str(run), "--quiet"]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
-    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert contents() == before
 
 
 def test_presets_command_lists_quickstart(capsys):

@@ -1,0 +1,207 @@
+"""The distributed engine: K = 1 is the single-machine algorithm, and no failure loses or repeats a step."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import needs_fashion
+from raydistill.artifact import read_distilled
+from raydistill.config import ConfigError, load_config
+from raydistill.distill import distill
+from raydistill.engine import distill_on_ray
+from raydistill.server import ParameterServer
+from raydistill.worker import MetaGradWorker
+
+pytestmark = needs_fashion
+
+# Worker and server subclasses below inject failures; Ray must ship them by value (tests/ is not importable there).
+ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
+ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+STEPS = 6
+TINY = [f"steps={STEPS}", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
+        "eval.every=0", "threads=1", "ray.worker_threads=1", "ray.checkpoint_every=2", "labels.learn=true"]
+
+
+def tiny(*more):
+    return load_config("quickstart", TINY + list(more))
+
+
+def images_of(run) -> torch.Tensor:
+    return read_distilled(Path(run) / "distilled.parquet").images
+
+
+def metric_steps(run) -> list[int]:
+    lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line)["step"] for line in lines if "meta_loss" in json.loads(line)]
+
+
+@pytest.fixture(scope="module")
+def reference_k2(ray_session, tmp_path_factory):
+    """An uninterrupted sync run with two workers: what every failure test must reproduce exactly."""
+    out = tmp_path_factory.mktemp("ref") / "k2"
+    summary = distill_on_ray(tiny("ray.workers=2"), out, progress=False, evaluate=False)
+    return out, summary
+
+
+def test_one_worker_reproduces_the_single_machine_run_bit_for_bit(ray_session, tmp_path):
+    distill(tiny(), tmp_path / "local", progress=False, evaluate=False)
+    distill_on_ray(tiny("ray.workers=1"), tmp_path / "ray", progress=False, evaluate=False)
+    assert torch.equal(images_of(tmp_path / "local"), images_of(tmp_path / "ray"))
+    local = read_distilled(tmp_path / "local" / "distilled.parquet").soft_labels
+    assert torch.equal(local, read_distilled(tmp_path / "ray" / "distilled.parquet").soft_labels)
+
+
+def test_sync_run_applies_every_step_exactly_once(reference_k2):
+    out, summary = reference_k2
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    assert metric_steps(out) == list(range(1, STEPS + 1))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert len(record["starts"]) == 2 and record["used"] == 2  # two independent windows averaged per step
+
+
+class DiesOnce(MetaGradWorker):
+    """Kills its own process (like SIGKILL) the first time it reaches step 3, slot 1."""
+
+    marker = ""
+
+    def compute(self, snapshot, step, slot):
+        marker = Path(self.marker)
+        if step == 3 and slot == 1 and not marker.exists():
+            marker.write_text("died")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().compute(snapshot, step, slot)
+
+
+def test_a_killed_worker_loses_no_step(reference_k2, tmp_path, monkeypatch):
+    monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "marker"))
+    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+                             worker_cls=DiesOnce)
+    assert (tmp_path / "marker").exists()  # the worker really died
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    assert torch.equal(images_of(tmp_path / "run"), images_of(reference_k2[0]))  # the retry recomputed the same
+
+
+class ServerDiesOnce(ParameterServer):
+    def apply_sync(self, step, *results):
+        marker = Path(self.checkpoints.parent / "server-died")
+        if step == 3 and not marker.exists():
+            marker.write_text("died")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().apply_sync(step, *results)
+
+
+def test_a_killed_parameter_server_resumes_from_its_checkpoint(reference_k2, tmp_path):
+    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+                             server_cls=ServerDiesOnce)
+    assert (tmp_path / "run" / "server-died").exists()
+    status = summary["status"]
+    assert status["restored_step"] == 2  # the last checkpoint before step 3: one interval redone at most
+    assert status["applied_steps"] == list(range(STEPS))
+    assert metric_steps(tmp_path / "run") == list(range(1, STEPS + 1))
+    assert torch.equal(images_of(tmp_path / "run"), images_of(reference_k2[0]))
+
+
+class NaNFromSlot1(MetaGradWorker):
+    def compute(self, snapshot, step, slot):
+        result = super().compute(snapshot, step, slot)
+        if step == 2 and slot == 1:
+            result["images"] = np.full_like(result["images"], np.nan)
+        return result
+
+
+def test_a_non_finite_gradient_is_dropped_and_the_others_apply(ray_session, tmp_path):
+    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+                             worker_cls=NaNFromSlot1)
+    assert summary["dropped"]["nonfinite"] == 1
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["used"] for r in records] == [2, 2, 1, 2, 2, 2]
+    assert torch.isfinite(images_of(tmp_path / "run")).all()
+
+
+def test_driver_killed_then_resumed_continues_from_the_checkpoint(reference_k2, ray_session, tmp_path):
+    out = tmp_path / "run"
+    address = ray_session.get_runtime_context().gcs_address
+    args = ["--set=" + s for s in TINY + ["steps=40", "ray.workers=2"]]
+    driver = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "distill", *args, "--address", address,
+                               "--out", str(out), "--quiet", "--no-eval"], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((out / "checkpoints").glob("ckpt-0000000[4-9].rdck")) and time.time() < deadline:
+        assert driver.poll() is None, "the driver ended before it could be killed"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert not (out / "distilled.parquet").exists()
+    # A crash can also leave a damaged newest checkpoint: the previous good one must be used.
+    newest = sorted((out / "checkpoints").glob("ckpt-*.rdck"))[-1]
+    newest.write_bytes(newest.read_bytes()[:100])
+
+    with pytest.warns(UserWarning, match="previous good"):  # raised in the server, surfaced by the driver
+        summary = distill_on_ray(None, out, resume=True, progress=False, evaluate=False)
+    assert summary["status"]["applied_steps"] == list(range(40))
+    assert metric_steps(out) == list(range(1, 41))
+    uninterrupted = distill_on_ray(tiny("ray.workers=2", "steps=40"), tmp_path / "straight", progress=False,
+                                   evaluate=False)
+    assert uninterrupted["status"]["applied_steps"] == list(range(40))
+    assert torch.equal(images_of(out), images_of(tmp_path / "straight"))
+
+    before = (out / "distilled.parquet").read_bytes()
+    assert distill_on_ray(None, out, resume=True, progress=False)["finished"]  # a finished run is left alone
+    assert (out / "distilled.parquet").read_bytes() == before
+
+
+def test_async_mode_applies_the_requested_steps_and_logs_staleness(ray_session, tmp_path):
+    summary = distill_on_ray(tiny("ray.workers=2", "ray.mode=async", "eval.every=3", "eval.val_steps=5",
+                                  "eval.val_models=1"), tmp_path / "run", progress=False, evaluate=False)
+    assert summary["status"]["step"] == STEPS
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "meta_loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, STEPS + 1))
+    assert all(r["staleness"] >= 0 for r in steps)
+    assert sorted(r["step"] for r in records if "val_acc" in r) == [3, 6]  # validation ran beside distillation
+
+
+def test_the_server_drops_stale_gradients(ray_session, tmp_path):
+    cfg = tiny("ray.mode=async", "ray.max_staleness=1")
+    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), np.zeros((10, 1, 28, 28), np.float32), np.arange(10),
+                         np.eye(10, dtype=np.float32))
+    fresh = {"images": np.ones((10, 1, 28, 28), np.float32), "labels": np.zeros((10, 10), np.float32),
+             "meta_loss": 1.0, "start": 0, "window": 2}
+    assert ps.apply_async({**fresh, "version": 0})["accepted"]
+    assert ps.apply_async({**fresh, "version": 0})["accepted"]  # one version old: allowed
+    report = ps.apply_async({**fresh, "version": 0})  # two versions old: dropped
+    assert not report["accepted"] and report["reason"] == "stale"
+    assert ps.status()["dropped"]["stale"] == 1 and ps.status()["step"] == 2
+
+
+def test_a_repeated_sync_apply_is_not_applied_twice(ray_session, tmp_path):
+    cfg = tiny()
+    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), np.zeros((10, 1, 28, 28), np.float32), np.arange(10), None)
+    grad = {"images": np.ones((10, 1, 28, 28), np.float32), "labels": None, "meta_loss": 1.0, "version": 0}
+    assert ps.apply_sync(0, grad)["accepted"]
+    before = ps.current()["images"].copy()
+    assert not ps.apply_sync(0, grad)["accepted"]  # a retried call for a step already done
+    assert np.array_equal(ps.current()["images"], before) and ps.status()["applied_steps"] == [0]
+
+
+def test_a_request_the_cluster_can_never_meet_fails_at_once(ray_session, tmp_path):
+    began = time.time()
+    with pytest.raises(ConfigError, match="ray.workers: 5 workers need 5 CPU but the cluster has 2"):
+        distill_on_ray(tiny("ray.workers=5"), tmp_path / "run", progress=False, evaluate=False)
+    assert time.time() - began < 30
+
+
+def cfg_dict(cfg):
+    from raydistill.config import config_to_dict
+
+    return config_to_dict(cfg)
