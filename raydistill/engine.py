@@ -95,6 +95,10 @@ class Run:
             raise RuntimeError(f"{self.failures} consecutive failures, the last: {exc}") from exc
         time.sleep(min(0.1 * self.failures, 2.0))
 
+    def placement_report(self) -> list[dict]:
+        """Where each worker runs now (node, device): workers may have moved after a restart."""
+        return ray.get([w.where.remote() for w in self.workers])
+
     def shutdown(self) -> None:
         for actor in [self.ps, *self.workers]:
             ray.kill(actor, no_restart=True)
@@ -128,6 +132,7 @@ class Run:
                       "starts": [s["start"] for s in stats], "windows": [s["window"] for s in stats],
                       "grad_norm": report["grad_norm"], "applied": report["applied"], "used": report["used"],
                       "dropped_nonfinite": report["dropped"]["nonfinite"],
+                      "worker_seconds": [round(s["seconds"], 4) for s in stats],
                       "seconds": round(time.perf_counter() - began, 4)}
             self.record(record)
             self.maybe_validate(step)
@@ -225,7 +230,7 @@ def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool =
             job.collect_validations(wait=True)
             bar.close()
             result = ray.get(job.ps.result.remote())
-            status = ray.get(job.ps.status.remote())
+            status = {**ray.get(job.ps.status.remote()), "placement": job.placement_report()}
         finally:
             job.shutdown()
     finally:

@@ -35,10 +35,12 @@ def stats(result: dict) -> dict:
 
 def average(arrays: list[np.ndarray]) -> torch.Tensor:
     """Mean over workers, summed in slot order so a given set of gradients always gives the same bits."""
-    total = torch.from_numpy(np.array(arrays[0]))
+    total = np.array(arrays[0])  # a writable copy: object-store arrays are read-only
     for a in arrays[1:]:
-        total += torch.from_numpy(a)
-    return total / len(arrays) if len(arrays) > 1 else total
+        total += a
+    if len(arrays) > 1:
+        total /= len(arrays)
+    return torch.from_numpy(total)
 
 
 class ParameterServer:

@@ -241,3 +241,17 @@ def test_meta_optimizer_state_round_trip():
     g, gl = torch.randn_like(images), torch.randn(4, 2)
     a.step(g, gl), b.step(g, gl)
     assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels)
+
+
+def test_meta_update_is_adam_when_nothing_is_clipped():
+    images = torch.randn(4, 1, SIDE, SIDE)
+    reference = images.clone().requires_grad_(True)
+    ours = MetaOptimizer(images, None, MetaOptConfig(lr=0.01, clip_factor=1e9))
+    theirs = torch.optim.Adam([reference], lr=0.01)
+    for i in range(20):
+        g = torch.randn_like(images)
+        g[0, 0, 0, 0] = 0.0  # an exactly-zero gradient element stays finite
+        ours.step(g)
+        reference.grad = g.clone()
+        theirs.step()
+    torch.testing.assert_close(ours.images, reference.detach(), rtol=0, atol=1e-6)

@@ -1,0 +1,134 @@
+"""Scaling of the distributed engine: meta-gradients per second with K workers, and the parameter server's overhead.
+
+    python benchmarks/bench_scaling.py          # writes benchmarks/results/scaling.json
+
+Throughput: the quickstart config (Fashion-MNIST IPC 1, ConvNet-3 w32, T = 40, W = 15) run by the real engine in
+sync mode with K = 1 and K = 2 workers of 1 torch thread each; meta-gradients per second = K / the median wall time
+of a meta-step (after warm-up steps). Efficiency = throughput(K) / (K x throughput(1)). Measured with
+window_mode=end (every sample costs the same, so this is the system's scaling) and window_mode=random (RaT-BPTT
+itself: a sync step waits for the longer of the K windows, so it scales less).
+
+Server overhead: a synthetic set the size of CIFAR-100 IPC 50 (5000 x 3 x 32 x 32 float32, 61 MB) goes through the
+same loop as a sync step (snapshot, workers read it from the object store and return a gradient of its size, the
+server averages and applies Adam, publishes the next snapshot) with workers that do no maths. The wall time of such a
+step is the overhead any real step pays on top of the workers' compute; its share is reported against the measured
+CPU meta-step of benchmarks/results/step.json's CIFAR-shaped config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+
+from raydistill.config import config_to_dict, load_config
+from raydistill.engine import distill_on_ray
+from raydistill.server import ParameterServer
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_step import machine  # noqa: E402
+
+
+def throughput(workers: int, window_mode: str, steps: int, warmup: int) -> dict:
+    cfg = load_config("quickstart", [f"steps={steps}", "eval.every=0", f"ray.workers={workers}",
+                                     "ray.worker_threads=1", "threads=1", f"ratbptt.window_mode={window_mode}",
+                                     "ray.checkpoint_every=1000"])
+    with tempfile.TemporaryDirectory() as tmp:
+        distill_on_ray(cfg, Path(tmp) / "run", progress=False, evaluate=False)
+        lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    step_seconds = [r["seconds"] for r in records if "seconds" in r][warmup:]
+    compute = [max(r_s for r_s in r["worker_seconds"]) for r in records if "worker_seconds" in r][warmup:]
+    median = statistics.median(step_seconds)
+    return {"workers": workers, "window_mode": window_mode, "steps_timed": len(step_seconds),
+            "median_step_seconds": round(median, 4), "median_worker_compute_seconds": round(statistics.median(compute), 4),
+            "meta_gradients_per_second": round(workers / median, 3)}
+
+
+class NullWorker:
+    """Reads the snapshot like a real worker and returns a gradient of its size, computing nothing."""
+
+    def compute(self, snapshot: list, step: int, slot: int) -> dict:
+        began = time.perf_counter()
+        snap = ray.get(snapshot[0])
+        grad = np.full_like(snap["images"], 1e-3 * (slot + 1))
+        return {"images": grad, "labels": None, "meta_loss": 0.0, "start": 0, "window": 0, "version": snap["version"],
+                "seconds": time.perf_counter() - began}
+
+
+def server_overhead(n: int, shape: tuple, workers: int, steps: int, warmup: int) -> dict:
+    cfg = load_config("quickstart", [f"steps={steps + warmup}", "ray.checkpoint_every=100000"], check_paths=False)
+    rng = np.random.default_rng(0)
+    images = rng.standard_normal((n, *shape), dtype=np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(config_to_dict(cfg), tmp, images,
+                                                                     np.arange(n) % 100, None)
+        pool = [ray.remote(NullWorker).options(num_cpus=0).remote() for _ in range(workers)]
+        times = []
+        for step in range(steps + warmup):
+            began = time.perf_counter()
+            snap = ray.get(ps.snapshot.remote())  # the engine's sync step, call for call
+            grads = [w.compute.remote(snap["ref"], step, slot) for slot, w in enumerate(pool)]
+            report = ray.get(ps.apply_sync.remote(step, *grads))
+            assert report["accepted"] and report["applied"]
+            times.append(time.perf_counter() - began)
+        for actor in [ps, *pool]:
+            ray.kill(actor)
+    times = times[warmup:]
+    return {"images": n, "image_shape": list(shape), "megabytes": round(images.nbytes / 2**20, 1), "workers": workers,
+            "median_step_overhead_seconds": round(statistics.median(times), 4),
+            "all_seconds": [round(t, 4) for t in times]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--out", default="benchmarks/results/scaling.json")
+    args = ap.parse_args()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        runs = []
+        for mode in ("end", "random"):
+            for k in (1, 2):
+                runs.append(throughput(k, mode, args.steps, args.warmup))
+                print(json.dumps(runs[-1]), flush=True)
+        overhead = server_overhead(5000, (3, 32, 32), workers=2, steps=20, warmup=3)
+        print(json.dumps({k: v for k, v in overhead.items() if k != "all_seconds"}), flush=True)
+    finally:
+        ray.shutdown()
+
+    efficiency = {}
+    for mode in ("end", "random"):
+        one, two = (next(r for r in runs if r["workers"] == k and r["window_mode"] == mode) for k in (1, 2))
+        efficiency[mode] = round(two["meta_gradients_per_second"] / (2 * one["meta_gradients_per_second"]), 3)
+    step_file = Path(__file__).parent / "results" / "step.json"
+    cifar_step = next((r["seconds_per_meta_step"] for r in json.loads(step_file.read_text())["results"]
+                       if r["config"].startswith("cifar")), None) if step_file.exists() else None
+    share = None if cifar_step is None else round(
+        overhead["median_step_overhead_seconds"] / (cifar_step + overhead["median_step_overhead_seconds"]), 4)
+    result = {"benchmark": "bench_scaling", "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+              "machine": {**machine(__import__("torch").device("cpu")), "torch_threads_per_worker": 1},
+              "throughput": runs, "efficiency_k2": efficiency, "efficiency_target": 0.85,
+              "server_overhead": overhead, "reference_step_seconds": cifar_step,
+              "overhead_share_of_reference_step": share, "overhead_share_target": 0.05}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({"efficiency_k2": efficiency, "overhead_share": share}))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Simulated multi-node Ray clusters for tests/test_cluster.py: `python tests/cluster_scenarios.py SCENARIO OUTDIR`.
+
+Each scenario builds a `ray.cluster_utils.Cluster` (several raylets on this machine), connects to it, runs a tiny
+distillation and writes what it saw to OUTDIR/result.json ({"error": traceback} when something raised); the cluster is
+always shut down. It runs in its own process because the test session has a Ray instance of its own.
+
+Scenarios:
+  gpu-placement  a head without GPUs and a node with one logical GPU: the worker must land on the GPU node, and two
+                 workers (one GPU each) must be refused at once.
+  node-loss      a head for the parameter server and two 2-CPU worker nodes: the node that hosts the workers is removed
+                 mid-run; the workers must come back on the other node and no step may be lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)  # connect() must reuse this script's cluster, never another one
+
+import ray  # noqa: E402
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from raydistill.config import ConfigError, load_config  # noqa: E402
+from raydistill.engine import distill_on_ray  # noqa: E402
+from raydistill.server import ParameterServer  # noqa: E402
+from raydistill.worker import MetaGradWorker  # noqa: E402
+
+TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
+        "threads=1", "ray.worker_threads=1", "ray.checkpoint_every=2", "ray.placement_timeout_s=60"]
+NODE = {"object_store_memory": 100 * 2**20}  # per raylet; the default 150 MiB x 3 nodes is more than we need
+HEAD = {**NODE, "include_dashboard": False}
+
+
+def tiny(*more: str):
+    return load_config("quickstart", TINY + list(more))
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def append_line(path: str, record: dict) -> None:
+    with open(path, "a") as f:  # one short O_APPEND write per line: concurrent writers do not interleave
+        f.write(json.dumps(record) + "\n")
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# These subclasses live in __main__, so Ray ships them by value; the class attribute travels with them.
+
+class RecordsItsNode(MetaGradWorker):
+    """A worker that appends {node_id, pid, time} to `log` once it is ready (after every (re)start)."""
+
+    log = ""
+
+    def __init__(self, cfg_dict: dict):
+        super().__init__(cfg_dict)
+        append_line(self.log, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                               "time": time.time()})
+
+
+class ServerRecordsItsNode(ParameterServer):
+    log = ""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        append_line(self.log, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
+                               "time": time.time(), "restored_step": self.restored_step})
+
+
+def connect(cluster: Cluster) -> None:
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=True)
+
+
+def node_ids(cluster: Cluster) -> dict:
+    return {"head": cluster.head_node.node_id, "others": [n.node_id for n in cluster.worker_nodes]}
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+
+
+def gpu_placement(out: Path) -> dict:
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "num_cpus": 2, "num_gpus": 0})
+    try:
+        gpu_node = cluster.add_node(**NODE, num_cpus=1, num_gpus=1)  # a logical GPU: no CUDA behind it
+        connect(cluster)
+        began = time.time()
+        summary = distill_on_ray(tiny("steps=6", "ray.workers=1"), out / "run", progress=False, evaluate=False)
+        result = {"nodes": node_ids(cluster), "gpu_node": gpu_node.node_id,
+                  "cluster_resources": ray.cluster_resources(), "summary": summary,
+                  "seconds": round(time.time() - began, 1)}
+        log(f"one worker: {summary['status']['placement']}")
+
+        began = time.time()
+        try:
+            distill_on_ray(tiny("steps=6", "ray.workers=2"), out / "two", progress=False, evaluate=False)
+            result["two_workers"] = {"raised": None}
+        except ConfigError as exc:
+            result["two_workers"] = {"raised": "ConfigError", "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - recorded for the test to report
+            result["two_workers"] = {"raised": type(exc).__name__, "message": str(exc)}
+        result["two_workers"]["seconds"] = round(time.time() - began, 2)
+        result["two_workers"]["run_dir_created"] = (out / "two").exists()
+        log(f"two workers: {result['two_workers']}")
+        return result
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def node_loss(out: Path, steps: int = 40) -> dict:
+    run = out / "run"
+    RecordsItsNode.log = str(out / "workers.jsonl")
+    ServerRecordsItsNode.log = str(out / "server.jsonl")
+    # The parameter server (num_cpus=0) needs no CPU; the head has none, so worker bundles can only go elsewhere.
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(**NODE, num_cpus=2)  # each can hold both 1-CPU worker bundles (PACK)
+        connect(cluster)
+        nodes = node_ids(cluster)
+        outcome: dict = {}
+
+        def distil() -> None:
+            try:
+                outcome["summary"] = distill_on_ray(tiny(f"steps={steps}", "ray.workers=2"), run, progress=False,
+                                                    evaluate=False, worker_cls=RecordsItsNode,
+                                                    server_cls=ServerRecordsItsNode)
+            except BaseException:  # noqa: BLE001 - reported through the result file
+                outcome["error"] = traceback.format_exc()
+            outcome["finished_at"] = time.time()
+
+        began = time.time()
+        driver = threading.Thread(target=distil, name="distill", daemon=True)
+        driver.start()
+
+        # Wait until both workers are up and the server has written its first checkpoint.
+        deadline = time.time() + 120
+        workers: list[dict] = []
+        while time.time() < deadline and driver.is_alive():
+            workers = read_lines(out / "workers.jsonl")
+            if len(workers) >= 2 and list((run / "checkpoints").glob("ckpt-*.rdck")):
+                break
+            time.sleep(0.1)
+        if not driver.is_alive():
+            raise RuntimeError(f"the run ended before a node could be removed: {outcome.get('error')}")
+        if len(workers) < 2:
+            raise RuntimeError("the workers did not start (or no checkpoint was written) within 120 s")
+
+        hosts = sorted({w["node_id"] for w in workers})
+        assert len(hosts) == 1, f"PACK should put both worker bundles on one node, got {hosts}"
+        victim = next(n for n in cluster.worker_nodes if n.node_id == hosts[0])
+        metrics = run / "metrics.jsonl"
+        step_at_removal = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+        log(f"removing node {victim.node_id} (hosts both workers) at step {step_at_removal}")
+        removed_at = time.time()
+        cluster.remove_node(victim)
+        log(f"node removed in {time.time() - removed_at:.1f} s")
+
+        driver.join(timeout=180)
+        if driver.is_alive():
+            raise RuntimeError("the run did not finish within 180 s of the node loss")
+        if "error" in outcome:
+            raise RuntimeError(f"the run failed after the node loss:\n{outcome['error']}")
+        summary = outcome["summary"]
+        records = read_lines(metrics)
+        slow = max(records, key=lambda r: r.get("seconds", 0))
+        log(f"finished {outcome['finished_at'] - removed_at:.1f} s after the removal; placement now "
+            f"{summary['status']['placement']}")
+        return {
+            "nodes": nodes, "steps": steps, "removed_node": victim.node_id, "step_at_removal": step_at_removal,
+            "workers_log": read_lines(out / "workers.jsonl"), "server_log": read_lines(out / "server.jsonl"),
+            "summary": summary, "metric_steps": [r["step"] for r in records if "meta_loss" in r],
+            "slowest_step": {"step": slow.get("step"), "seconds": slow.get("seconds")},
+            "seconds": round(outcome["finished_at"] - began, 1),
+            "seconds_after_removal": round(outcome["finished_at"] - removed_at, 1),
+        }
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SCENARIOS = {"gpu-placement": gpu_placement, "node-loss": node_loss}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in SCENARIOS:
+        print(f"usage: {Path(__file__).name} {{{','.join(SCENARIOS)}}} OUTDIR", file=sys.stderr)
+        return 2
+    out = Path(argv[1])
+    out.mkdir(parents=True, exist_ok=True)
+    began = time.time()
+    try:
+        result = SCENARIOS[argv[0]](out)
+        code = 0
+    except BaseException:  # noqa: BLE001 - the test reads the traceback from the result file
+        result, code = {"error": traceback.format_exc()}, 1
+    result["scenario"], result["total_seconds"] = argv[0], round(time.time() - began, 1)
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    log(f"{argv[0]}: {'ok' if code == 0 else 'error'} in {result['total_seconds']} s")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
