@@ -114,6 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, ArtifactError) as exc:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from raydistill.engine import EngineError
+
+        if not isinstance(exc, EngineError):
+            raise
+        print(f"raydistill: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("raydistill: interrupted; metrics so far are in the run directory's metrics.jsonl", file=sys.stderr)
         return 130

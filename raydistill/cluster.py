@@ -6,8 +6,8 @@ import logging
 import os
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raydistill.config import ConfigError, RayConfig
 
@@ -43,9 +43,27 @@ def worker_resources(rc: RayConfig) -> dict:
     if need > have + 1e-9:
         raise ConfigError(f"ray.workers: {rc.workers} workers need {need:g} {unit} but the cluster has {have:g}; "
                           f"lower ray.workers (--workers) or {knob}")
-    if not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
+    fits = sum(workers_that_fit(node, bundle) for node in nodes)
+    if fits == 0:
         raise ConfigError(f"{knob}: no single node has {bundle} for one worker; lower {knob}")
+    if fits < rc.workers:
+        raise ConfigError(f"ray.workers: the cluster's nodes can hold only {fits} workers of {bundle} "
+                          f"(a worker needs all of it on one node); lower ray.workers (--workers) or {knob}")
     return bundle
+
+
+def workers_that_fit(node: dict, bundle: dict) -> int:
+    """How many identical worker bundles one node can hold (each needs every resource of the bundle)."""
+    return min(int(node.get(k, 0) / v + 1e-9) for k, v in bundle.items())
+
+
+def driver_node_strategy() -> NodeAffinitySchedulingStrategy:
+    """Keep the parameter server beside the driver (soft): it then never goes down with a worker node."""
+    return NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+
+
+def placement_state(group) -> str:
+    return placement_group_table(group).get("state", "UNKNOWN")
 
 
 class WorkerPlacement:

@@ -23,12 +23,16 @@ from tqdm import tqdm
 from raydistill import run_dir as rundir
 from raydistill.atomic import append_jsonl, atomic_write_text
 from raydistill.checkpoint import CheckpointWarning
-from raydistill.cluster import WorkerPlacement, connect, worker_resources
+from raydistill.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
 from raydistill.config import ConfigError, DistillConfig, config_to_dict, load_config
 from raydistill.distill import init_synthetic, load_checked, run_evaluation
 from raydistill.runtime import resolve_device
 from raydistill.server import ParameterServer
 from raydistill.worker import MetaGradWorker, validate_snapshot
+
+class EngineError(RuntimeError):
+    """A run that cannot go on (one line: what happened and what to do); its checkpoints stay usable."""
+
 
 MAX_CONSECUTIVE_FAILURES = 50  # give up (loudly) rather than loop forever on a failure that does not heal
 
@@ -41,7 +45,8 @@ class Run:
         self.cfg_dict = config_to_dict(cfg)
         syn = init_synthetic(cfg, dataset)
         self.placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)
-        self.ps = ray.remote(server_cls).options(num_cpus=0, max_restarts=-1, max_task_retries=-1).remote(
+        self.ps = ray.remote(server_cls).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
+                                                 scheduling_strategy=driver_node_strategy()).remote(
             self.cfg_dict, str(run), syn.images.numpy(), syn.hard_labels.numpy(),
             None if syn.soft_labels is None else syn.soft_labels.numpy())
         remote_worker = ray.remote(worker_cls)
@@ -89,10 +94,32 @@ class Run:
                 done.append((step, acc))
         return done
 
+    def wait(self, ref):
+        """ray.get that notices when the workers lost their resources for good (it would otherwise wait forever).
+
+        A worker whose node died waits in Ray's restart queue without failing any task; if its placement-group
+        bundle has not been placed again within ray.placement_timeout_s, the run stops with a clear error.
+        """
+        unplaced_since = None
+        while True:
+            ready, _ = ray.wait([ref], timeout=5.0)
+            if ready:
+                return ray.get(ref)
+            if placement_state(self.placement.group) == "CREATED":
+                unplaced_since = None
+            elif unplaced_since is None:
+                unplaced_since = time.monotonic()
+            elif time.monotonic() - unplaced_since > self.cfg.ray.placement_timeout_s:
+                raise EngineError(
+                    f"workers lost their resources (a node left the cluster?) and could not be placed again within "
+                    f"ray.placement_timeout_s={self.cfg.ray.placement_timeout_s:g} s; add capacity, then continue "
+                    f"with: raydistill distill --resume {self.run}")
+
     def failed(self, exc: Exception) -> None:
         self.failures += 1
         if self.failures > MAX_CONSECUTIVE_FAILURES:
-            raise RuntimeError(f"{self.failures} consecutive failures, the last: {exc}") from exc
+            raise EngineError(f"{self.failures} consecutive failures, the last: {str(exc).splitlines()[0]}; "
+                              f"fix the cause, then continue with: raydistill distill --resume {self.run}") from exc
         time.sleep(min(0.1 * self.failures, 2.0))
 
     def placement_report(self) -> list[dict]:
@@ -116,7 +143,7 @@ class Run:
                 step = snap["step"]
                 grads = [w.compute.remote(snap["ref"], step, slot) for slot, w in enumerate(self.workers)]
                 # Gradients go from the workers straight to the server; the driver only waits for the outcome.
-                report = ray.get(self.ps.apply_sync.remote(step, *grads))
+                report = self.wait(self.ps.apply_sync.remote(step, *grads))
                 if not report["accepted"]:  # the server restarted from a checkpoint: carry on from its step
                     step = self.start_step()
                     bar.reset(total=self.cfg.steps)
@@ -136,7 +163,7 @@ class Run:
                       "seconds": round(time.perf_counter() - began, 4)}
             self.record(record)
             self.maybe_validate(step)
-            self.after_step(bar, record)
+            self.after_step(bar, record, live=report["used"])
 
     def async_loop(self, bar: tqdm) -> None:
         step = self.start_step()
@@ -153,7 +180,10 @@ class Run:
         for slot in range(len(self.workers)):
             submit(slot)
         while step < self.cfg.steps:
-            ready, _ = ray.wait(list(inflight), num_returns=1)
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=5.0)
+            if not ready:
+                self.wait(next(iter(inflight)))  # raises if the workers cannot be placed again
+                continue
             slot = inflight.pop(ready[0])
             try:
                 report = ray.get(self.ps.apply_async.remote(ready[0]))  # the gradient goes straight to the server
@@ -172,12 +202,13 @@ class Run:
                       "dropped_stale": report["dropped"]["stale"], "dropped_nonfinite": report["dropped"]["nonfinite"]}
             self.record(record)
             self.maybe_validate(step)
-            self.after_step(bar, record)
+            self.after_step(bar, record, live=len(inflight))
         for ref in inflight:
             ray.cancel(ref)
 
-    def after_step(self, bar: tqdm, record: dict) -> None:
-        postfix = {"meta_loss": f"{record['meta_loss']:.3f}", "workers": len(self.workers)}
+    def after_step(self, bar: tqdm, record: dict, live: int) -> None:
+        """Progress: steps/s and ETA come from tqdm; live = workers whose gradient arrived (sync) or in flight."""
+        postfix = {"meta_loss": f"{record['meta_loss']:.3f}", "workers": f"{live}/{len(self.workers)}"}
         for step, acc in self.collect_validations():
             postfix["val"] = f"{acc:.1f}@{step}"
         bar.set_postfix(postfix)

@@ -30,6 +30,7 @@ import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from raydistill.config import ConfigError, load_config  # noqa: E402
+from raydistill import engine  # noqa: E402
 from raydistill.engine import distill_on_ray  # noqa: E402
 from raydistill.server import ParameterServer  # noqa: E402
 from raydistill.worker import MetaGradWorker  # noqa: E402
@@ -120,8 +121,24 @@ def gpu_placement(out: Path) -> dict:
         cluster.shutdown()
 
 
-def node_loss(out: Path, steps: int = 40) -> dict:
+def record_driver_failures() -> list[dict]:
+    """Wrap engine.Run.failed (the driver's retry-with-backoff) to see which errors the node loss surfaced."""
+    seen: list[dict] = []
+    original = engine.Run.failed
+
+    def failed(self, exc):
+        seen.append({"time": time.time(), "consecutive": self.failures + 1, "error": type(exc).__name__,
+                     "message": str(exc).splitlines()[0][:300] if str(exc) else ""})
+        return original(self, exc)
+
+    engine.Run.failed = failed
+    return seen
+
+
+def node_loss(out: Path, steps: int = 40, remove_after: int = 5) -> dict:
+    """Remove the node that hosts both workers once `remove_after` steps are done (past the first checkpoint)."""
     run = out / "run"
+    failures = record_driver_failures()
     RecordsItsNode.log = str(out / "workers.jsonl")
     ServerRecordsItsNode.log = str(out / "server.jsonl")
     # The parameter server (num_cpus=0) needs no CPU; the head has none, so worker bundles can only go elsewhere.
@@ -146,25 +163,31 @@ def node_loss(out: Path, steps: int = 40) -> dict:
         driver = threading.Thread(target=distil, name="distill", daemon=True)
         driver.start()
 
-        # Wait until both workers are up and the server has written its first checkpoint.
+        # Wait until both workers are up, the server has written a checkpoint and `remove_after` steps are done
+        # (an odd number: a server lost with the node then has steps to redo after its last checkpoint).
+        metrics = run / "metrics.jsonl"
         deadline = time.time() + 120
         workers: list[dict] = []
         while time.time() < deadline and driver.is_alive():
             workers = read_lines(out / "workers.jsonl")
-            if len(workers) >= 2 and list((run / "checkpoints").glob("ckpt-*.rdck")):
+            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if len(workers) >= 2 and list((run / "checkpoints").glob("ckpt-*.rdck")) and done >= remove_after:
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
         if not driver.is_alive():
             raise RuntimeError(f"the run ended before a node could be removed: {outcome.get('error')}")
-        if len(workers) < 2:
-            raise RuntimeError("the workers did not start (or no checkpoint was written) within 120 s")
+        if len(workers) < 2 or done < remove_after:
+            raise RuntimeError(f"within 120 s: {len(workers)} workers up, {done} steps done; wanted 2 and "
+                               f"{remove_after}")
 
         hosts = sorted({w["node_id"] for w in workers})
         assert len(hosts) == 1, f"PACK should put both worker bundles on one node, got {hosts}"
         victim = next(n for n in cluster.worker_nodes if n.node_id == hosts[0])
-        metrics = run / "metrics.jsonl"
-        step_at_removal = len(metrics.read_text().splitlines()) if metrics.exists() else 0
-        log(f"removing node {victim.node_id} (hosts both workers) at step {step_at_removal}")
+        servers = read_lines(out / "server.jsonl")
+        step_at_removal = len(metrics.read_text().splitlines())
+        checkpoints_at_removal = sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.rdck"))
+        log(f"removing node {victim.node_id} (hosts both workers; the server is on "
+            f"{servers[-1]['node_id'] if servers else '?'}) at step {step_at_removal}")
         removed_at = time.time()
         cluster.remove_node(victim)
         log(f"node removed in {time.time() - removed_at:.1f} s")
@@ -181,6 +204,9 @@ def node_loss(out: Path, steps: int = 40) -> dict:
             f"{summary['status']['placement']}")
         return {
             "nodes": nodes, "steps": steps, "removed_node": victim.node_id, "step_at_removal": step_at_removal,
+            "checkpoints_at_removal": checkpoints_at_removal,
+            "server_on_removed_node": bool(servers) and servers[-1]["node_id"] == victim.node_id,
+            "driver_failures": failures,
             "workers_log": read_lines(out / "workers.jsonl"), "server_log": read_lines(out / "server.jsonl"),
             "summary": summary, "metric_steps": [r["step"] for r in records if "meta_loss" in r],
             "slowest_step": {"step": slow.get("step"), "seconds": slow.get("seconds")},
@@ -192,7 +218,46 @@ def node_loss(out: Path, steps: int = 40) -> dict:
         cluster.shutdown()
 
 
-SCENARIOS = {"gpu-placement": gpu_placement, "node-loss": node_loss}
+def capacity_lost(out: Path, steps: int = 200) -> dict:
+    """Remove the only node that can hold workers: the run must stop with a clear error, not wait forever."""
+    run = out / "run"
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "num_cpus": 0})
+    try:
+        cluster.add_node(**NODE, num_cpus=2)
+        connect(cluster)
+        outcome: dict = {}
+
+        def distil() -> None:
+            try:
+                distill_on_ray(tiny(f"steps={steps}", "ray.workers=2", "ray.placement_timeout_s=5"), run,
+                               progress=False, evaluate=False)
+            except engine.EngineError as exc:
+                outcome["engine_error"] = str(exc)
+            except BaseException:  # noqa: BLE001 - reported through the result file
+                outcome["unexpected"] = traceback.format_exc()
+            outcome["finished_at"] = time.time()
+
+        driver = threading.Thread(target=distil, name="distill", daemon=True)
+        driver.start()
+        metrics = run / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and driver.is_alive():
+            if list((run / "checkpoints").glob("ckpt-*.rdck")) and metrics.exists():
+                break
+            time.sleep(0.05)
+        removed_at = time.time()
+        cluster.remove_node(cluster.worker_nodes[0] if isinstance(cluster.worker_nodes, list)
+                            else next(iter(cluster.worker_nodes)))
+        driver.join(timeout=120)
+        return {"still_running": driver.is_alive(), **outcome,
+                "seconds_after_removal": round(outcome.get("finished_at", time.time()) - removed_at, 1),
+                "checkpoints": sorted(p.name for p in (run / "checkpoints").glob("ckpt-*.rdck"))}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SCENARIOS = {"gpu-placement": gpu_placement, "node-loss": node_loss, "capacity-lost": capacity_lost}
 
 
 def main(argv: list[str]) -> int:

@@ -205,3 +205,11 @@ def cfg_dict(cfg):
     from raydistill.config import config_to_dict
 
     return config_to_dict(cfg)
+
+
+def test_a_node_holds_as_many_workers_as_every_resource_allows():
+    from raydistill.cluster import workers_that_fit
+
+    assert workers_that_fit({"CPU": 1.0, "GPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 1
+    assert workers_that_fit({"CPU": 8.0, "GPU": 2.0}, {"GPU": 0.5, "CPU": 1.0}) == 4
+    assert workers_that_fit({"CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 0
