@@ -38,6 +38,7 @@ META_KEY = b"raydistill"
 DISTILLED_FILE = "distilled.parquet"
 ZCA_FILE = "zca.npz"
 EVAL_FILE = "eval.json"
+BUDGETS_FILE = "eval_budgets.json"  # Boost-DD: accuracy per nested budget
 METRICS_FILE = "metrics.jsonl"
 # The metadata keys the rest of raydistill writes and `summarise` reads; any other JSON-able keys are kept as-is.
 METADATA_KEYS = (
@@ -371,6 +372,20 @@ def _eval_lines(path: Path) -> list[str]:
         return [f"eval:     {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval'"]
 
 
+def _budget_lines(path: Path) -> list[str]:
+    """One line per nested budget of a Boost-DD set: distilled prefix vs a random subset of the same size."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+        lines = ["budgets (test split, first k images per class by block):"]
+        for k, body in report["budgets"].items():
+            for arch, entry in body["results"].items():
+                lines.append(f"  IPC {k} {arch}: {_accuracy(entry)} (random real subset: "
+                             f"{_accuracy(body['baseline'][arch])})")
+        return lines
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        return [f"budgets:  {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval --budgets'"]
+
+
 def _last_metrics(path: Path) -> str | None:
     # The last line can be half-written after a crash (append_jsonl is not atomic): use the last one that parses.
     for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
@@ -418,6 +433,8 @@ def summarise(run_dir: str | os.PathLike) -> str:
         lines.append(f"code:     raydistill {meta['code_version']}")
     if (run / EVAL_FILE).is_file():
         lines.extend(_eval_lines(run / EVAL_FILE))
+    if (run / BUDGETS_FILE).is_file():
+        lines.extend(_budget_lines(run / BUDGETS_FILE))
     if (run / METRICS_FILE).is_file():
         last = _last_metrics(run / METRICS_FILE)
         if last is not None:

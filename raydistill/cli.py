@@ -1,4 +1,4 @@
-"""The `raydistill` command: distill, eval, show, presets."""
+"""The `raydistill` command: distill, boost, eval, show, export, presets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 from raydistill.config import ConfigError, load_config, preset_names
 
 
-def _add_distill(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("distill", help="distil a data set with RaT-BPTT")
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """What distill and boost share: config, output, cluster, resume."""
     p.add_argument("--preset", default="quickstart", help="a shipped preset name or a YAML file (default: quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set ratbptt.window=40 (repeatable)")
@@ -24,12 +24,27 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    _add_run_args(sub.add_parser("distill", help="distil a data set with RaT-BPTT"))
+
+
+def _add_boost(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("boost", help="Boost-DD: distil nested blocks, so every prefix is a distilled set")
+    _add_run_args(p)
+    p.add_argument("--block", type=int, metavar="B", help="images per class in each block (boost.stages)")
+    p.add_argument("--blocks", type=int, metavar="J", help="number of blocks")
+    p.add_argument("--beta", type=float, default=0.1, help="earlier blocks' meta lr multiplier; 0 freezes them")
+    p.add_argument("--steps-per-block", type=int, metavar="N", help="meta-steps per stage (default: the preset's steps)")
+    p.add_argument("--budgets", help="IPC budgets to evaluate, e.g. 1,2,5 (default: every stage's cumulative IPC)")
+
+
 def _add_eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="train fresh networks on a distilled set; report test accuracy")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.add_argument("--arch", action="append", dest="archs", metavar="NAME",
                    help="architecture to evaluate (repeatable; default: the run's eval.archs)")
     p.add_argument("--models", type=int, help="networks per architecture (default: the run's eval.num_models)")
+    p.add_argument("--budgets", help="evaluate the nested prefixes of these IPCs, e.g. 1,2,5,10 (boosted sets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -37,29 +52,85 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raydistill", description="Distributed dataset distillation (RaT-BPTT).")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_distill(sub)
+    _add_boost(sub)
     _add_eval(sub)
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", metavar="RUN_DIR")
+    export = sub.add_parser("export", help="write (a prefix of) a distilled set as a standalone Parquet file")
+    export.add_argument("run_dir", metavar="RUN_DIR")
+    export.add_argument("--prefix", type=int, metavar="K", help="keep the first K images per class (block order)")
+    export.add_argument("--out", required=True, help="the Parquet file to write")
     sub.add_parser("presets", help="list the shipped presets")
     return ap
+
+
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"ray.workers": args.workers, "ray.mode": args.mode, "ray.address": args.address}
+    return args.overrides + [f"{key}={value}" for key, value in flags.items() if value is not None]
+
+
+def _default_out(args: argparse.Namespace) -> str:
+    return args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _budgets(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(k) for k in text.split(",") if k.strip()]
+    except ValueError:
+        raise ConfigError(f"--budgets: {text!r} is not a comma-separated list of integers, e.g. 1,2,5") from None
+
+
+def _finished(summary: dict, run: str) -> bool:
+    if summary.get("finished"):
+        print(f"{run} is already finished; nothing to do (see: raydistill show {run})")
+    return bool(summary.get("finished"))
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from raydistill.engine import distill_on_ray
 
-    flags = {"ray.workers": args.workers, "ray.mode": args.mode, "ray.address": args.address}
-    overrides = args.overrides + [f"{key}={value}" for key, value in flags.items() if value is not None]
+    overrides = _overrides(args)
     if args.resume:
         if overrides:
             raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--workers/--mode/--address")
         summary = distill_on_ray(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval)
-        if summary.get("finished"):
-            print(f"{args.resume} is already finished; nothing to do (see: raydistill show {args.resume})")
+        if _finished(summary, args.resume):
             return 0
     else:
         cfg = load_config(args.preset, overrides)
-        out = args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-        summary = distill_on_ray(cfg, out, progress=not args.quiet, evaluate=not args.no_eval)
+        summary = distill_on_ray(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval)
+    print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
+    return 0
+
+
+def cmd_boost(args: argparse.Namespace) -> int:
+    from raydistill.boost import boost_on_ray
+
+    overrides = _overrides(args)
+    budgets = _budgets(args.budgets)
+    if args.resume:
+        if overrides or args.block or args.blocks:
+            raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--block/--blocks/--workers")
+        summary = boost_on_ray(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
+                               budgets=budgets)
+        if _finished(summary, args.resume):
+            return 0
+    else:
+        if (args.block is None) != (args.blocks is None):
+            raise ConfigError("--block/--blocks: give both (e.g. --block 1 --blocks 5), or neither to use the "
+                              "preset's boost.stages")
+        cfg = load_config(args.preset, overrides)
+        if args.block is not None:
+            from raydistill.boost import schedule
+            from raydistill.config import config_from_dict, config_to_dict
+
+            steps = args.steps_per_block if args.steps_per_block is not None else cfg.steps
+            cfg.boost.stages = schedule(args.block, args.blocks, args.beta, steps)
+            cfg = config_from_dict(config_to_dict(cfg))  # the flags are validated like any field
+        summary = boost_on_ray(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
+                               budgets=budgets)
     print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
     return 0
 
@@ -80,6 +151,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.eval.archs = list(args.archs)
     set_threads(cfg.threads)
     dataset = load_checked(cfg)
+    if args.budgets is not None:
+        from raydistill.boost import evaluate_budgets
+
+        evaluate_budgets(Path(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
+                         progress=not args.quiet)
+        return 0
     run_evaluation(Path(args.run_dir), dset.images, targets_of(dset), cfg, dataset, resolve_device(cfg.device),
                    cfg.eval.archs, args.models, progress=not args.quiet)
     return 0
@@ -92,6 +169,20 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from raydistill.artifact import read_distilled, write_distilled
+    from raydistill.run_dir import ARTIFACT
+
+    dset = read_distilled(Path(args.run_dir) / ARTIFACT)
+    if args.prefix is not None:
+        if not 1 <= args.prefix <= dset.ipc:
+            raise ConfigError(f"--prefix: {args.prefix} is not between 1 and the set's IPC {dset.ipc}")
+        dset = dset.prefix(args.prefix)
+    write_distilled(args.out, dset)
+    print(f"wrote {args.out}: {len(dset.labels)} images, IPC {dset.ipc}")
+    return 0
+
+
 def cmd_presets(_: argparse.Namespace) -> int:
     for name in preset_names():
         cfg = load_config(name, check_paths=False)
@@ -101,7 +192,8 @@ def cmd_presets(_: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"distill": cmd_distill, "eval": cmd_eval, "show": cmd_show, "presets": cmd_presets}
+COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show": cmd_show, "export": cmd_export,
+            "presets": cmd_presets}
 
 
 def main(argv: list[str] | None = None) -> int:

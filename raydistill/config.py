@@ -114,6 +114,18 @@ class RayConfig:
 
 
 @dataclass
+class BoostStage:
+    block: int = 1  # images per class added by this stage
+    steps: int = 1000  # meta-steps on the union
+    beta: float = 0.1  # meta lr multiplier of the earlier blocks during this stage (0 freezes them)
+
+
+@dataclass
+class BoostConfig:
+    stages: list[BoostStage] = field(default_factory=list)  # empty: a plain run
+
+
+@dataclass
 class DistillConfig:
     ipc: int = 10  # images per class
     steps: int = 1000  # meta-steps
@@ -129,6 +141,7 @@ class DistillConfig:
     init: InitConfig = field(default_factory=InitConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    boost: BoostConfig = field(default_factory=BoostConfig)
 
 
 # ---------------------------------------------------------------------------------------------- dict <-> config
@@ -296,6 +309,12 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
         raise ConfigError(f"eval.every: must be >= 0, got {e.every}")
     _positive(e.val_models, "eval.val_models")
     _positive(e.val_steps, "eval.val_steps")
+
+    for i, stage in enumerate(cfg.boost.stages):
+        _positive(stage.block, f"boost.stages[{i}].block")
+        _positive(stage.steps, f"boost.stages[{i}].steps")
+        if not 0 <= stage.beta <= 1:
+            raise ConfigError(f"boost.stages[{i}].beta: must be in [0, 1] (0 freezes earlier blocks), got {stage.beta}")
 
     rc = cfg.ray
     _positive(rc.workers, "ray.workers")

@@ -31,6 +31,8 @@ class SyntheticSet:
     images: Tensor
     hard_labels: Tensor
     soft_labels: Tensor | None
+    blocks: Tensor | None = None  # Boost-DD block of each image (None: one block)
+    lr_scale: Tensor | None = None  # meta lr multiplier of each image (None: all 1)
 
 
 def init_synthetic(cfg: DistillConfig, dataset: Dataset) -> SyntheticSet:
@@ -125,13 +127,15 @@ def run_evaluation(
     archs: list[str] | None = None,
     num_models: int | None = None,
     progress: bool = True,
+    write: bool = True,
 ) -> dict:
-    """Evaluate a distilled set on the test split beside a random real subset; write and print the report."""
+    """Evaluate a distilled set on the test split beside a random real subset; print (and write) the report."""
     archs = archs or cfg.eval.archs
     n = num_models or cfg.eval.num_models
     bar = tqdm(total=2 * n * len(archs), desc="evaluate", unit="net", disable=not progress, dynamic_ncols=True)
     report = evaluation_report(images, targets, cfg.ipc, dataset, cfg, device, archs, n, split="test", tick=bar.update)
     bar.close()
-    report = rundir.write_eval(run, report)
+    if write:
+        report = rundir.write_eval(run, report)
     print(format_report(report))
     return report

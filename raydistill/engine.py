@@ -25,7 +25,7 @@ from raydistill.atomic import append_jsonl, atomic_write_text
 from raydistill.checkpoint import CheckpointWarning
 from raydistill.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
 from raydistill.config import ConfigError, DistillConfig, config_to_dict, load_config
-from raydistill.distill import init_synthetic, load_checked, run_evaluation
+from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
 from raydistill.runtime import resolve_device
 from raydistill.server import ParameterServer
 from raydistill.worker import MetaGradWorker, validate_snapshot
@@ -40,15 +40,18 @@ MAX_CONSECUTIVE_FAILURES = 50  # give up (loudly) rather than loop forever on a 
 class Run:
     """The actors of one distillation run and the driver-side bookkeeping (metrics, pending validations)."""
 
-    def __init__(self, cfg: DistillConfig, run: Path, dataset, bundle: dict, worker_cls: type, server_cls: type):
+    def __init__(self, cfg: DistillConfig, run: Path, dataset, bundle: dict, worker_cls: type, server_cls: type,
+                 initial: SyntheticSet | None = None):
         self.cfg, self.run, self.dataset = cfg, run, dataset
         self.cfg_dict = config_to_dict(cfg)
-        syn = init_synthetic(cfg, dataset)
+        syn = initial if initial is not None else init_synthetic(cfg, dataset)
+        self.blocks = syn.blocks
         self.placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)
         self.ps = ray.remote(server_cls).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
                                                  scheduling_strategy=driver_node_strategy()).remote(
             self.cfg_dict, str(run), syn.images.numpy(), syn.hard_labels.numpy(),
-            None if syn.soft_labels is None else syn.soft_labels.numpy())
+            None if syn.soft_labels is None else syn.soft_labels.numpy(),
+            None if syn.lr_scale is None else syn.lr_scale.numpy())
         remote_worker = ray.remote(worker_cls)
         self.workers = [
             remote_worker.options(max_restarts=-1, max_task_retries=-1, **self.placement.options(i)).remote(self.cfg_dict)
@@ -231,10 +234,11 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
                    evaluate: bool = True, worker_cls: type = MetaGradWorker,
-                   server_cls: type = ParameterServer) -> dict:
+                   server_cls: type = ParameterServer, initial: SyntheticSet | None = None) -> dict:
     """Run (or with `resume`, continue) a distillation on Ray into `out`; returns the summary the CLI prints.
 
-    `worker_cls` / `server_cls` let tests inject failures; they must subclass MetaGradWorker / ParameterServer.
+    `initial` starts from a given set (Boost-DD stages) instead of a fresh init. `worker_cls` / `server_cls` let
+    tests inject failures; they must subclass MetaGradWorker / ParameterServer.
     """
     run = Path(out)
     if resume:
@@ -252,7 +256,7 @@ def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool =
         if not resume:
             run = rundir.prepare(run)
             rundir.write_config(run, cfg)
-        job = Run(cfg, run, dataset, bundle, worker_cls, server_cls)
+        job = Run(cfg, run, dataset, bundle, worker_cls, server_cls, initial)
         try:
             bar = tqdm(total=cfg.steps, desc=f"distill ({cfg.ray.mode}, K={cfg.ray.workers})", unit="step",
                        disable=not progress, dynamic_ncols=True)
@@ -267,10 +271,11 @@ def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool =
     finally:
         if started:
             ray.shutdown()
-    return finish(cfg, run, job.dataset, result, status, time.perf_counter() - began, evaluate, progress)
+    return finish(cfg, run, job.dataset, result, status, time.perf_counter() - began, evaluate, progress, job.blocks)
 
 
-def finish(cfg, run: Path, dataset, result: dict, status: dict, seconds: float, evaluate: bool, progress: bool) -> dict:
+def finish(cfg, run: Path, dataset, result: dict, status: dict, seconds: float, evaluate: bool, progress: bool,
+           blocks=None) -> dict:
     import torch
 
     soft = None if result["soft_labels"] is None else torch.tensor(result["soft_labels"])
@@ -278,7 +283,7 @@ def finish(cfg, run: Path, dataset, result: dict, status: dict, seconds: float, 
              "distill_seconds": round(seconds, 1), "dropped": status["dropped"],
              "workers": cfg.ray.workers, "mode": cfg.ray.mode}
     dset = rundir.save_distilled(run, torch.tensor(result["images"]), torch.tensor(result["hard_labels"]), soft,
-                                 None, dataset, cfg, extra=extra)
+                                 blocks, dataset, cfg, extra=extra)
     summary = {"run_dir": str(run), **extra, "status": status}
     if evaluate:
         summary["eval"] = run_evaluation(run, dset.images, rundir.targets_of(dset), cfg, dataset,

@@ -24,7 +24,7 @@ class UpdateReport:
 
 
 def adam_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float, grad_scale: float = 1.0,
-               betas=(0.9, 0.999), eps: float = 1e-8) -> None:
+               row_lr: Tensor | None = None, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
     """Adam in place, as torch.optim.Adam computes it; on a set of 15M values, the out-of-place rule the inner loop
     needs for autograd costs ~10x more in temporaries, and the parameter server runs this every step."""
     b1, b2 = betas
@@ -33,14 +33,21 @@ def adam_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float, gr
     m.lerp_(g, 1 - b1)
     v.mul_(b2).addcmul_(g, g, value=1 - b2)
     denom = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(eps)
-    p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+    if row_lr is None:
+        p.addcdiv_(m, denom, value=-lr / (1 - b1**t))
+    else:  # a learning-rate multiplier per example (Boost-DD); 0 leaves that example bit-identical
+        step = (m / denom).mul_(row_lr.view(-1, *([1] * (p.dim() - 1))))
+        p.add_(step, alpha=-lr / (1 - b1**t))
 
 
 class MetaOptimizer:
     """Owns the synthetic set and applies averaged meta-gradients to it."""
 
-    def __init__(self, images: Tensor, soft_labels: Tensor | None, cfg: MetaOptConfig):
+    def __init__(self, images: Tensor, soft_labels: Tensor | None, cfg: MetaOptConfig,
+                 example_lr_scale: Tensor | None = None):
+        """`example_lr_scale` (n,) multiplies the meta lr of each synthetic example (and its label); None: all 1."""
         self.cfg = cfg
+        self.example_lr_scale = None if example_lr_scale is None else example_lr_scale.to(images.device, images.dtype)
         self.images = images.detach().clone()
         self.soft_labels = None if soft_labels is None else soft_labels.detach().clone()
         self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self._tensors().items()}
@@ -76,7 +83,8 @@ class MetaOptimizer:
         self.updates += 1
         for name, tensor in self._tensors().items():
             lr = self.cfg.lr * (self.cfg.label_lr_scale if name == "soft_labels" else 1.0)
-            adam_step_(tensor, grads[name].to(tensor.dtype), *self.moments[name], self.updates, lr, scale)
+            adam_step_(tensor, grads[name].to(tensor.dtype), *self.moments[name], self.updates, lr, scale,
+                       self.example_lr_scale)
         if self.soft_labels is not None:
             self.soft_labels.clamp_(min=0)
         return UpdateReport(True, norm, clip)

@@ -45,12 +45,12 @@ def average(arrays: list[np.ndarray]) -> torch.Tensor:
 
 class ParameterServer:
     def __init__(self, cfg_dict: dict, run_dir: str, images: np.ndarray, hard_labels: np.ndarray,
-                 soft_labels: np.ndarray | None):
+                 soft_labels: np.ndarray | None, lr_scale: np.ndarray | None = None):
         self.cfg = config_from_dict(cfg_dict, check_paths=False)
         self.checkpoints = Path(run_dir) / CHECKPOINTS
         self.hard_labels = np.asarray(hard_labels)
         self.meta = MetaOptimizer(torch.tensor(images), None if soft_labels is None else torch.tensor(soft_labels),
-                                  self.cfg.meta)
+                                  self.cfg.meta, None if lr_scale is None else torch.tensor(lr_scale))
         self.step = 0  # meta-steps done
         self.version = 0  # snapshot version: one per applied update
         self.applied_steps: list[int] = []  # every applied step, in order: a step is never applied twice
