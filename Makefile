@@ -16,7 +16,10 @@ test: setup data
 	$(PY) -m pytest -q
 
 bench: setup data
+	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_boost.py
 
 setup: $(VENV)/.installed
 
