@@ -16,7 +16,7 @@ import torch
 from raydistill import run_dir as rundir
 from raydistill.artifact import BUDGETS_FILE, read_distilled
 from raydistill.atomic import atomic_write_json
-from raydistill.config import BoostStage, ConfigError, DistillConfig, load_config
+from raydistill.config import BoostStage, ConfigError, DistillConfig
 from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
 from raydistill.engine import distill_on_ray
 from raydistill.runtime import resolve_device
@@ -64,11 +64,9 @@ def boost_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = F
     """Run (or continue) a Boost-DD schedule into `out`; stage N lives in out/stage-N."""
     run = Path(out)
     if resume:
-        if not (run / rundir.CONFIG).is_file():
-            raise ConfigError(f"--resume: {run} holds no {rundir.CONFIG}; pass the directory of an earlier boost run")
-        if (run / rundir.ARTIFACT).exists():
+        cfg = rundir.resumable_config(run)
+        if cfg is None:
             return {"run_dir": str(run), "finished": True}
-        cfg = load_config(str(run / rundir.CONFIG))
     if not cfg.boost.stages:
         raise ConfigError("boost.stages: empty; give --block/--blocks or a boost.stages list in the YAML")
     dataset = load_checked(dataclasses.replace(cfg, ipc=sum(s.block for s in cfg.boost.stages)))

@@ -24,11 +24,12 @@ from raydistill import run_dir as rundir
 from raydistill.atomic import append_jsonl, atomic_write_text
 from raydistill.checkpoint import CheckpointWarning
 from raydistill.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
-from raydistill.config import ConfigError, DistillConfig, config_to_dict, load_config
+from raydistill.config import DistillConfig, config_to_dict
 from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
 from raydistill.runtime import resolve_device
 from raydistill.server import ParameterServer
 from raydistill.worker import MetaGradWorker, validate_snapshot
+
 
 class EngineError(RuntimeError):
     """A run that cannot go on (one line: what happened and what to do); its checkpoints stay usable."""
@@ -242,11 +243,9 @@ def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool =
     """
     run = Path(out)
     if resume:
-        if not (run / rundir.CONFIG).is_file():
-            raise ConfigError(f"--resume: {run} holds no {rundir.CONFIG}; pass the directory of an earlier run")
-        if (run / rundir.ARTIFACT).exists():
+        cfg = rundir.resumable_config(run)
+        if cfg is None:
             return {"run_dir": str(run), "finished": True}
-        cfg = load_config(str(run / rundir.CONFIG))
     elif run.exists() and any(run.iterdir()):
         rundir.prepare(run)  # raises: an existing run is never written into
     dataset = load_checked(cfg)  # data problems surface before anything is created

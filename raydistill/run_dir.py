@@ -22,7 +22,7 @@ from raydistill.artifact import (
     write_zca,
 )
 from raydistill.atomic import atomic_write_json, atomic_write_text
-from raydistill.config import ConfigError, DistillConfig, config_from_dict, config_to_dict
+from raydistill.config import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config
 from raydistill.data import Dataset
 
 ARTIFACT, METRICS, EVAL = DISTILLED_FILE, METRICS_FILE, EVAL_FILE
@@ -37,6 +37,15 @@ def prepare(run_dir: str | Path) -> Path:
         raise ConfigError(f"--out: {path} already exists and is not empty; choose a new directory or remove it")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def resumable_config(run_dir: Path) -> DistillConfig | None:
+    """The config of an interrupted run to continue; None when the run already finished (it is left alone)."""
+    if not (run_dir / CONFIG).is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no {CONFIG}; pass the directory of an earlier run")
+    if (run_dir / ARTIFACT).exists():
+        return None
+    return load_config(str(run_dir / CONFIG))
 
 
 def write_config(run_dir: Path, cfg: DistillConfig) -> None:
