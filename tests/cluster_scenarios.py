@@ -36,7 +36,8 @@ from raydistill.server import ParameterServer  # noqa: E402
 from raydistill.worker import MetaGradWorker  # noqa: E402
 
 TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
-        "threads=1", "ray.worker_threads=1", "ray.checkpoint_every=2", "ray.placement_timeout_s=60"]
+        "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",
+        "ray.placement_timeout_s=60"]
 NODE = {"object_store_memory": 100 * 2**20}  # per raylet; the default 150 MiB x 3 nodes is more than we need
 HEAD = {**NODE, "include_dashboard": False}
 

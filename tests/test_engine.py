@@ -28,7 +28,8 @@ ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 STEPS = 6
 TINY = [f"steps={STEPS}", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
-        "eval.every=0", "threads=1", "ray.worker_threads=1", "ray.checkpoint_every=2", "labels.learn=true"]
+        "eval.every=0", "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",
+        "labels.learn=true"]
 
 
 def tiny(*more):
