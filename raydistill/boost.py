@@ -60,8 +60,12 @@ def load_stage_result(stage_dir: Path) -> SyntheticSet:
 
 
 def boost_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
-                 evaluate: bool = True, budgets: list[int] | None = None) -> dict:
-    """Run (or continue) a Boost-DD schedule into `out`; stage N lives in out/stage-N."""
+                 evaluate: bool = True, budgets: list[int] | None = None, **engine) -> dict:
+    """Run (or continue) a Boost-DD schedule into `out`; stage N lives in out/stage-N.
+
+    `engine` goes to every stage's distill_on_ray (worker_cls, server_cls, placement, on_validation); the steps
+    that on_validation sees count from the start of the whole schedule, not of the stage.
+    """
     run = Path(out)
     if resume:
         cfg = rundir.resumable_config(run)
@@ -76,6 +80,7 @@ def boost_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = F
 
     current: SyntheticSet | None = None
     stages = cfg.boost.stages
+    hook = engine.pop("on_validation", None)
     for index, stage in enumerate(stages):
         stage_dir = run / f"stage-{index + 1}"
         if (stage_dir / rundir.ARTIFACT).exists():  # finished before an interruption
@@ -86,8 +91,11 @@ def boost_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = F
         if progress:
             print(f"stage {index + 1}/{len(stages)}: IPC {block_cfg.ipc} (+{stage.block}), beta {stage.beta}, "
                   f"{stage.steps} steps")
+        done_before = sum(s.steps for s in stages[:index])
+        stage_hook = None if hook is None else (
+            lambda step, acc, best, done_before=done_before: hook(done_before + step, acc, best))
         distill_on_ray(block_cfg, stage_dir, resume=stage_dir.exists(), progress=progress, evaluate=False,
-                       initial=start)
+                       initial=start, on_validation=stage_hook, **engine)
         current = load_stage_result(stage_dir)
 
     final_cfg = dataclasses.replace(cfg, ipc=sum(s.block for s in stages))

@@ -32,12 +32,11 @@ def worker_resources(rc: RayConfig) -> dict:
     """
     total = ray.cluster_resources()
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    if total.get("GPU", 0) > 0:
-        bundle = {"GPU": rc.gpus_per_worker, "CPU": 1.0}
+    bundle = worker_bundle(rc, total.get("GPU", 0) > 0)
+    if "GPU" in bundle:
         need, have, knob = rc.workers * rc.gpus_per_worker, total["GPU"], "ray.gpus_per_worker"
         unit = "GPU"
     else:
-        bundle = {"CPU": rc.cpus_per_worker}
         need, have, knob = rc.workers * rc.cpus_per_worker, total.get("CPU", 0), "ray.cpus_per_worker"
         unit = "CPU"
     if need > have + 1e-9:
@@ -50,6 +49,11 @@ def worker_resources(rc: RayConfig) -> dict:
         raise ConfigError(f"ray.workers: the cluster's nodes can hold only {fits} workers of {bundle} "
                           f"(a worker needs all of it on one node); lower ray.workers (--workers) or {knob}")
     return bundle
+
+
+def worker_bundle(rc: RayConfig, gpus: bool) -> dict:
+    """One worker's resources: a GPU share (and a CPU to feed it) on a GPU cluster, else CPU slots."""
+    return {"GPU": rc.gpus_per_worker, "CPU": 1.0} if gpus else {"CPU": rc.cpus_per_worker}
 
 
 def workers_that_fit(node: dict, bundle: dict) -> int:
@@ -87,3 +91,33 @@ class WorkerPlacement:
 
     def remove(self) -> None:
         remove_placement_group(self.group)
+
+
+class TrialPlacement:
+    """Workers in the bundles of a placement group made by someone else, such as a Ray Tune trial.
+
+    Bundles `first`, `first + 1`, ... hold the workers, one each. A group with a different number of worker bundles
+    is refused at once: a worker without a bundle would otherwise wait for resources that never come.
+    """
+
+    def __init__(self, group, first: int, workers: int):
+        if group is None:
+            raise ConfigError("placement: no placement group here; run the trial through raydistill.tune")
+        bundles = placement_group_table(group).get("bundles", {})
+        self.bundles = [bundles[i] for i in sorted(bundles) if i >= first]
+        if len(self.bundles) != workers:
+            raise ConfigError(f"ray.workers: the trial's placement group has {len(self.bundles)} worker bundles but "
+                              f"the run starts {workers} workers; size the trial with raydistill.tune.trial_resources")
+        self.group, self.first = group, first
+
+    def options(self, index: int) -> dict:
+        bundle = self.bundles[index]
+        return {
+            "num_cpus": bundle.get("CPU", 0),
+            "num_gpus": bundle.get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
+                                                                    placement_group_bundle_index=self.first + index),
+        }
+
+    def remove(self) -> None:
+        """Nothing: the group belongs to whoever made it (Tune removes a trial's group when the trial ends)."""

@@ -111,6 +111,7 @@ class RayConfig:
     cpus_per_worker: float = 1.0  # used when it has none
     worker_threads: int = 1  # torch threads in each worker
     placement_timeout_s: float = 120.0  # give up (with a clear error) if workers cannot be placed by then
+    max_consecutive_failures: int = 50  # failed meta-steps in a row before the run stops (Tune then retries it)
 
 
 @dataclass
@@ -326,6 +327,7 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
     _positive(rc.cpus_per_worker, "ray.cpus_per_worker")
     _positive(rc.worker_threads, "ray.worker_threads")
     _positive(rc.placement_timeout_s, "ray.placement_timeout_s")
+    _positive(rc.max_consecutive_failures, "ray.max_consecutive_failures")
 
 
 def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, num_val: int) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -23,7 +24,14 @@ from tqdm import tqdm
 from raydistill import run_dir as rundir
 from raydistill.atomic import append_jsonl, atomic_write_text
 from raydistill.checkpoint import CheckpointWarning
-from raydistill.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
+from raydistill.cluster import (
+    TrialPlacement,
+    WorkerPlacement,
+    connect,
+    driver_node_strategy,
+    placement_state,
+    worker_resources,
+)
 from raydistill.config import DistillConfig, config_to_dict
 from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
 from raydistill.runtime import resolve_device
@@ -31,23 +39,24 @@ from raydistill.server import ParameterServer
 from raydistill.worker import MetaGradWorker, validate_snapshot
 
 
+ValidationHook = Callable[[int, float, float], None]  # (step, val_acc, best val_acc so far)
+
+
 class EngineError(RuntimeError):
     """A run that cannot go on (one line: what happened and what to do); its checkpoints stay usable."""
-
-
-MAX_CONSECUTIVE_FAILURES = 50  # give up (loudly) rather than loop forever on a failure that does not heal
 
 
 class Run:
     """The actors of one distillation run and the driver-side bookkeeping (metrics, pending validations)."""
 
-    def __init__(self, cfg: DistillConfig, run: Path, dataset, bundle: dict, worker_cls: type, server_cls: type,
-                 initial: SyntheticSet | None = None):
+    def __init__(self, cfg: DistillConfig, run: Path, dataset, placement, worker_cls: type, server_cls: type,
+                 initial: SyntheticSet | None = None, on_validation: ValidationHook | None = None):
         self.cfg, self.run, self.dataset = cfg, run, dataset
         self.cfg_dict = config_to_dict(cfg)
         syn = initial if initial is not None else init_synthetic(cfg, dataset)
         self.blocks = syn.blocks
-        self.placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)
+        self.placement = placement
+        self.on_validation = on_validation
         self.ps = ray.remote(server_cls).options(num_cpus=0, max_restarts=-1, max_task_retries=-1,
                                                  scheduling_strategy=driver_node_strategy()).remote(
             self.cfg_dict, str(run), syn.images.numpy(), syn.hard_labels.numpy(),
@@ -96,6 +105,8 @@ class Run:
                 ray.get(self.ps.offer_best.remote(step, acc, snapshot))
                 self.record({"step": step, "val_acc": acc})
                 done.append((step, acc))
+                if self.on_validation is not None:
+                    self.on_validation(step, acc, ray.get(self.ps.status.remote())["best_val_acc"])
         return done
 
     def wait(self, ref):
@@ -121,7 +132,7 @@ class Run:
 
     def failed(self, exc: Exception) -> None:
         self.failures += 1
-        if self.failures > MAX_CONSECUTIVE_FAILURES:
+        if self.failures > self.cfg.ray.max_consecutive_failures:
             raise EngineError(f"{self.failures} consecutive failures, the last: {str(exc).splitlines()[0]}; "
                               f"fix the cause, then continue with: raydistill distill --resume {self.run}") from exc
         time.sleep(min(0.1 * self.failures, 2.0))
@@ -235,11 +246,14 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
 
 def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
                    evaluate: bool = True, worker_cls: type = MetaGradWorker,
-                   server_cls: type = ParameterServer, initial: SyntheticSet | None = None) -> dict:
+                   server_cls: type = ParameterServer, initial: SyntheticSet | None = None,
+                   placement: TrialPlacement | None = None, on_validation: ValidationHook | None = None) -> dict:
     """Run (or with `resume`, continue) a distillation on Ray into `out`; returns the summary the CLI prints.
 
     `initial` starts from a given set (Boost-DD stages) instead of a fresh init. `worker_cls` / `server_cls` let
-    tests inject failures; they must subclass MetaGradWorker / ParameterServer.
+    tests inject failures; they must subclass MetaGradWorker / ParameterServer. `placement` puts the workers into
+    a placement group that already exists (a Tune trial's) instead of a new one; `on_validation(step, val_acc,
+    best_val_acc)` is called after each validation (Tune trials report from it).
     """
     run = Path(out)
     if resume:
@@ -251,11 +265,17 @@ def distill_on_ray(cfg: DistillConfig | None, out: str | Path, *, resume: bool =
     dataset = load_checked(cfg)  # data problems surface before anything is created
     started = connect(cfg.ray.address)
     try:
-        bundle = worker_resources(cfg.ray)  # so does a request the cluster can never meet
-        if not resume:
-            run = rundir.prepare(run)
-            rundir.write_config(run, cfg)
-        job = Run(cfg, run, dataset, bundle, worker_cls, server_cls, initial)
+        if placement is None:
+            bundle = worker_resources(cfg.ray)  # so does a request the cluster can never meet
+            placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)
+        try:
+            if not resume:
+                run = rundir.prepare(run)
+                rundir.write_config(run, cfg)
+            job = Run(cfg, run, dataset, placement, worker_cls, server_cls, initial, on_validation)
+        except BaseException:
+            placement.remove()
+            raise
         try:
             bar = tqdm(total=cfg.steps, desc=f"distill ({cfg.ray.mode}, K={cfg.ray.workers})", unit="step",
                        disable=not progress, dynamic_ncols=True)

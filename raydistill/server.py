@@ -145,7 +145,7 @@ class ParameterServer:
     def status(self) -> dict:
         return {"step": self.step, "version": self.version, "applied_steps": list(self.applied_steps),
                 "dropped": dict(self.dropped), "skipped": self.meta.skipped, "restored_step": self.restored_step,
-                "notes": list(self.notes)}
+                "best_val_acc": None if self.best is None else self.best["val_acc"], "notes": list(self.notes)}
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
