@@ -1,4 +1,4 @@
-"""The `raydistill` command: distill, boost, eval, show, export, presets."""
+"""The `raydistill` command: distill, boost, eval, tune, show, export, presets."""
 
 from __future__ import annotations
 
@@ -48,12 +48,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_tune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="run a Ray Tune sweep described by a YAML file (see tune_configs/)")
+    p.add_argument("sweep", metavar="SWEEP_YAML", help="e.g. tune_configs/fmnist-window-unroll.yaml")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted sweep: finished trials are kept, the others go on from checkpoints")
+    p.add_argument("--out", help="folder for results.csv, best.yaml and plot.png (default: the experiment folder)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no Tune status tables")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raydistill", description="Distributed dataset distillation (RaT-BPTT).")
     sub = ap.add_subparsers(dest="command", required=True)
     _add_distill(sub)
     _add_boost(sub)
     _add_eval(sub)
+    _add_tune(sub)
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", metavar="RUN_DIR")
     export = sub.add_parser("export", help="write (a prefix of) a distilled set as a standalone Parquet file")
@@ -162,6 +173,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from raydistill.tune import run_sweep
+
+    summary = run_sweep(args.sweep, resume=args.resume, out=args.out, address=args.address,
+                        verbose=0 if args.quiet else 1)
+    if summary["best"] is None:
+        print("raydistill: error: no trial finished; see the status column above and results.csv", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     from raydistill.artifact import summarise
 
@@ -193,7 +215,7 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show": cmd_show, "export": cmd_export,
-            "presets": cmd_presets}
+            "presets": cmd_presets, "tune": cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RuntimeError as exc:
         from raydistill.engine import EngineError
+        from raydistill.tune import Interrupted
 
+        if isinstance(exc, Interrupted):
+            print(f"raydistill: {exc}", file=sys.stderr)
+            return 130
         if not isinstance(exc, EngineError):
             raise
         print(f"raydistill: error: {exc}", file=sys.stderr)
