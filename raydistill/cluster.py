@@ -71,11 +71,13 @@ def placement_state(group) -> str:
 
 
 class WorkerPlacement:
-    """A placement group with one bundle per worker; `options(i)` schedules worker i into bundle i."""
+    """A placement group with one bundle per worker; `options(i)` schedules worker i into bundle `first + i`."""
+
+    first = 0  # the index of worker 0's bundle
 
     def __init__(self, bundle: dict, count: int, timeout_s: float):
-        self.bundle = bundle
-        self.group = placement_group([dict(bundle) for _ in range(count)], strategy="PACK")
+        self.bundles = [dict(bundle) for _ in range(count)]
+        self.group = placement_group(self.bundles, strategy="PACK")
         ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(self.group)
@@ -83,17 +85,19 @@ class WorkerPlacement:
                               f"{timeout_s:g} s (other jobs may hold the resources); free them or lower ray.workers")
 
     def options(self, index: int) -> dict:
+        bundle = self.bundles[index]
         return {
-            "num_cpus": self.bundle.get("CPU", 0),
-            "num_gpus": self.bundle.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=index),
+            "num_cpus": bundle.get("CPU", 0),
+            "num_gpus": bundle.get("GPU", 0),
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
+                                                                    placement_group_bundle_index=self.first + index),
         }
 
     def remove(self) -> None:
         remove_placement_group(self.group)
 
 
-class TrialPlacement:
+class TrialPlacement(WorkerPlacement):
     """Workers in the bundles of a placement group made by someone else, such as a Ray Tune trial.
 
     Bundles `first`, `first + 1`, ... hold the workers, one each. A group with a different number of worker bundles
@@ -109,15 +113,6 @@ class TrialPlacement:
             raise ConfigError(f"ray.workers: the trial's placement group has {len(self.bundles)} worker bundles but "
                               f"the run starts {workers} workers; size the trial with raydistill.tune.trial_resources")
         self.group, self.first = group, first
-
-    def options(self, index: int) -> dict:
-        bundle = self.bundles[index]
-        return {
-            "num_cpus": bundle.get("CPU", 0),
-            "num_gpus": bundle.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(self.group,
-                                                                    placement_group_bundle_index=self.first + index),
-        }
 
     def remove(self) -> None:
         """Nothing: the group belongs to whoever made it (Tune removes a trial's group when the trial ends)."""

@@ -85,9 +85,12 @@ class Trial:
 
     @property
     def total_steps(self) -> int:
-        if self.cfg.boost.stages:
-            return sum(s.steps for s in self.cfg.boost.stages)
-        return self.cfg.steps
+        return total_steps(self.cfg)
+
+
+def total_steps(cfg: DistillConfig) -> int:
+    """Meta-steps of the whole run: every boosting stage's, or the plain run's."""
+    return sum(s.steps for s in cfg.boost.stages) if cfg.boost.stages else cfg.steps
 
 
 # ---------------------------------------------------------------------------------------------- the sweep file
@@ -474,7 +477,7 @@ def run_trial(config: dict, sweep: dict, plan: dict[str, dict], worker_cls: type
     resume = restore_run(run)
     placement = TrialPlacement(ray.util.get_current_placement_group(), first=0 if spec.head_cpus <= 0 else 1,
                                workers=cfg.ray.workers)
-    total = sum(s.steps for s in cfg.boost.stages) if cfg.boost.stages else cfg.steps
+    total = total_steps(cfg)
     reporter = Reporter(run, total, steps_done(run, cfg) if resume else 0)
     engine = {"worker_cls": worker_cls or MetaGradWorker, "placement": placement,
               "on_validation": reporter.validated}
