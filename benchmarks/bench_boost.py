@@ -26,13 +26,13 @@ from pathlib import Path
 import ray
 import torch
 
-from raydistill.artifact import read_distilled
-from raydistill.boost import boost_on_ray, schedule
-from raydistill.config import load_config
-from raydistill.distill import load_checked
-from raydistill.engine import distill_on_ray
-from raydistill.evaluate import evaluate_set, random_real_subset
-from raydistill.run_dir import targets_of
+from raydistill.io.artifact import read_distilled
+from raydistill.distributed.boost import boost_on_ray, schedule
+from raydistill.config.core import load_config
+from raydistill.distributed.local import load_checked
+from raydistill.distributed.engine import distill_on_ray
+from raydistill.eval.evaluate import evaluate_set, random_real_subset
+from raydistill.io.run_dir import targets_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import machine  # noqa: E402

@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from raydistill.config import config_to_dict, load_config
-from raydistill.engine import distill_on_ray
-from raydistill.server import ParameterServer
+from raydistill.config.core import config_to_dict, load_config
+from raydistill.distributed.engine import distill_on_ray
+from raydistill.distributed.server import ParameterServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import machine  # noqa: E402

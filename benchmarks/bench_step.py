@@ -30,9 +30,9 @@ from pathlib import Path
 
 import torch
 
-from raydistill.config import load_config
-from raydistill.evaluate import network_for
-from raydistill.meta_gradient import meta_gradient, task_seed
+from raydistill.config.core import load_config
+from raydistill.eval.evaluate import network_for
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient, task_seed
 
 
 class Shape:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from raydistill.config import ConfigError, load_config, preset_names
+from raydistill.config.core import ConfigError, load_config, preset_names
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -100,7 +100,7 @@ def _finished(summary: dict, run: str) -> bool:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from raydistill.engine import distill_on_ray
+    from raydistill.distributed.engine import distill_on_ray
 
     overrides = _overrides(args)
     if args.resume:
@@ -117,7 +117,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_boost(args: argparse.Namespace) -> int:
-    from raydistill.boost import boost_on_ray
+    from raydistill.distributed.boost import boost_on_ray
 
     overrides = _overrides(args)
     budgets = _budgets(args.budgets)
@@ -134,8 +134,8 @@ def cmd_boost(args: argparse.Namespace) -> int:
                               "preset's boost.stages")
         cfg = load_config(args.preset, overrides)
         if args.block is not None:
-            from raydistill.boost import schedule
-            from raydistill.config import config_from_dict, config_to_dict
+            from raydistill.distributed.boost import schedule
+            from raydistill.config.core import config_from_dict, config_to_dict
 
             steps = args.steps_per_block if args.steps_per_block is not None else cfg.steps
             cfg.boost.stages = schedule(args.block, args.blocks, args.beta, steps)
@@ -147,9 +147,9 @@ def cmd_boost(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raydistill.distill import load_checked, run_evaluation
-    from raydistill.models import MODELS
-    from raydistill.run_dir import load_run, targets_of
+    from raydistill.distributed.local import load_checked, run_evaluation
+    from raydistill.models.registry import MODELS
+    from raydistill.io.run_dir import load_run, targets_of
     from raydistill.runtime import resolve_device, set_threads
 
     if args.models is not None and args.models <= 0:
@@ -163,7 +163,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     dataset = load_checked(cfg)
     if args.budgets is not None:
-        from raydistill.boost import evaluate_budgets
+        from raydistill.distributed.boost import evaluate_budgets
 
         evaluate_budgets(Path(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
                          progress=not args.quiet)
@@ -174,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raydistill.tune import run_sweep
+    from raydistill.tune.core import run_sweep
 
     summary = run_sweep(args.sweep, resume=args.resume, out=args.out, address=args.address,
                         verbose=0 if args.quiet else 1)
@@ -185,15 +185,15 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from raydistill.artifact import summarise
+    from raydistill.io.artifact import summarise
 
     print(summarise(args.run_dir))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raydistill.artifact import read_distilled, write_distilled
-    from raydistill.run_dir import ARTIFACT
+    from raydistill.io.artifact import read_distilled, write_distilled
+    from raydistill.io.run_dir import ARTIFACT
 
     dset = read_distilled(Path(args.run_dir) / ARTIFACT)
     if args.prefix is not None:
@@ -220,8 +220,8 @@ COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show"
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from raydistill.artifact import ArtifactError
-    from raydistill.data import DataError
+    from raydistill.io.artifact import ArtifactError
+    from raydistill.data.registry import DataError
 
     try:
         return COMMANDS[args.command](args)
@@ -229,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from raydistill.engine import EngineError
-        from raydistill.tune import Interrupted
+        from raydistill.distributed.engine import EngineError
+        from raydistill.tune.core import Interrupted
 
         if isinstance(exc, Interrupted):
             print(f"raydistill: {exc}", file=sys.stderr)

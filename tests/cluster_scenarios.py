@@ -29,11 +29,11 @@ os.environ.pop("RAY_ADDRESS", None)  # connect() must reuse this script's cluste
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from raydistill.config import ConfigError, load_config  # noqa: E402
-from raydistill import engine  # noqa: E402
-from raydistill.engine import distill_on_ray  # noqa: E402
-from raydistill.server import ParameterServer  # noqa: E402
-from raydistill.worker import MetaGradWorker  # noqa: E402
+from raydistill.config.core import ConfigError, load_config  # noqa: E402
+import raydistill.distributed.engine as engine  # noqa: E402
+from raydistill.distributed.engine import distill_on_ray  # noqa: E402
+from raydistill.distributed.server import ParameterServer  # noqa: E402
+from raydistill.distributed.worker import MetaGradWorker  # noqa: E402
 
 TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
         "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",

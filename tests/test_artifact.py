@@ -16,9 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from raydistill import artifact, atomic
-from raydistill.artifact import ArtifactError, DistilledSet
-from raydistill.config import DistillConfig, config_to_dict
+from raydistill.io import artifact, atomic
+from raydistill.io.artifact import ArtifactError, DistilledSet
+from raydistill.config.core import DistillConfig, config_to_dict
 
 
 def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True, blocks: bool = False) -> DistilledSet:

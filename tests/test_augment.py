@@ -1,11 +1,11 @@
-"""Specification of raydistill.augment: differentiable, seeded, one strategy per batch."""
+"""Specification of raydistill.data.augment: differentiable, seeded, one strategy per batch."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from raydistill.augment import _rotate, augment
+from raydistill.data.augment import _rotate, augment
 
 
 def images(n: int = 6, c: int = 2, h: int = 5, w: int = 7, dtype=torch.float32, seed: int = 0) -> torch.Tensor:

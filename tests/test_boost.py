@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import needs_fashion
-from raydistill.artifact import read_distilled
-from raydistill.boost import boost_on_ray
+from raydistill.io.artifact import read_distilled
+from raydistill.distributed.boost import boost_on_ray
 from raydistill.cli import main
-from raydistill.config import MetaOptConfig, load_config
-from raydistill.meta_update import MetaOptimizer
+from raydistill.config.core import MetaOptConfig, load_config
+from raydistill.synset.meta_update import MetaOptimizer
 
 TINY = ["steps=3", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
         "eval.every=0", "eval.num_models=1", "eval.steps=5", "labels.learn=true", "threads=1",

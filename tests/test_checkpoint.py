@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.checkpoint import (
+from raydistill.io.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     arrays_to_state,
@@ -23,8 +23,8 @@ from raydistill.checkpoint import (
     save_checkpoint,
     state_to_arrays,
 )
-from raydistill.config import MetaOptConfig
-from raydistill.meta_update import MetaOptimizer
+from raydistill.config.core import MetaOptConfig
+from raydistill.synset.meta_update import MetaOptimizer
 
 
 def tricky_arrays() -> dict[str, np.ndarray]:

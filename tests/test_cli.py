@@ -6,7 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.artifact import read_distilled
+from raydistill.io.artifact import read_distilled
 from raydistill.cli import main
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -71,7 +71,7 @@ def linear_arch():
     """A registered one-layer model: `eval --arch` works for any registry entry, and this one is fast on CPU."""
     from torch import nn
 
-    from raydistill.models import MODELS, register_model
+    from raydistill.models.registry import MODELS, register_model
 
     @register_model("test-linear")
     def build(in_channels, num_classes, image_size, **_):
@@ -114,7 +114,7 @@ def test_presets_command_lists_quickstart(capsys):
 def test_grid_puts_one_class_per_column():
     import torch
 
-    from raydistill.run_dir import grid_order
+    from raydistill.io.run_dir import grid_order
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]

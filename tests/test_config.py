@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from raydistill.cli import main
-from raydistill.config import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config, preset_names
+from raydistill.config.core import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config, preset_names
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 

@@ -1,4 +1,4 @@
-"""Specification of raydistill.data and raydistill.zca: loading, splitting, normalising, whitening, failing clearly."""
+"""Specification of raydistill.data.registry and raydistill.data.zca: loading, splitting, normalising, whitening, failing clearly."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill import data
-from raydistill.config import ConfigError, DataConfig
-from raydistill.data import DATASETS, DataError, default_root, load_dataset, read_idx, split_indices
-from raydistill.zca import ZCA
+import raydistill.data.registry as data
+from raydistill.config.core import ConfigError, DataConfig
+from raydistill.data.registry import DATASETS, DataError, default_root, load_dataset, read_idx, split_indices
+from raydistill.data.zca import ZCA
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 FASHION_FILES = [

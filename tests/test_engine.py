@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from conftest import needs_fashion
-from raydistill.artifact import read_distilled
-from raydistill.config import ConfigError, load_config
-from raydistill.distill import distill
-from raydistill.engine import distill_on_ray
-from raydistill.server import ParameterServer
-from raydistill.worker import MetaGradWorker
+from raydistill.io.artifact import read_distilled
+from raydistill.config.core import ConfigError, load_config
+from raydistill.distributed.local import distill
+from raydistill.distributed.engine import distill_on_ray
+from raydistill.distributed.server import ParameterServer
+from raydistill.distributed.worker import MetaGradWorker
 
 pytestmark = needs_fashion
 
@@ -203,13 +203,13 @@ def test_a_request_the_cluster_can_never_meet_fails_at_once(ray_session, tmp_pat
 
 
 def cfg_dict(cfg):
-    from raydistill.config import config_to_dict
+    from raydistill.config.core import config_to_dict
 
     return config_to_dict(cfg)
 
 
 def test_a_node_holds_as_many_workers_as_every_resource_allows():
-    from raydistill.cluster import workers_that_fit
+    from raydistill.distributed.cluster import workers_that_fit
 
     assert workers_that_fit({"CPU": 1.0, "GPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 1
     assert workers_that_fit({"CPU": 8.0, "GPU": 2.0}, {"GPU": 0.5, "CPU": 1.0}) == 4

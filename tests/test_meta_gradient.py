@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from raydistill import inner_opt
-from raydistill.config import AugmentConfig, MetaOptConfig, RatBpttConfig
-from raydistill.inner_opt import InnerAdam
-from raydistill.meta_gradient import meta_gradient, plan_window, task_seed, unrolled_meta_loss
-from raydistill.meta_update import MetaOptimizer
+import raydistill.methods.ratbptt.inner_opt as inner_opt
+from raydistill.config.core import AugmentConfig, MetaOptConfig, RatBpttConfig
+from raydistill.methods.ratbptt.inner_opt import InnerAdam
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient, plan_window, task_seed, unrolled_meta_loss
+from raydistill.synset.meta_update import MetaOptimizer
 
 CLASSES, IPC, SIDE = 2, 2, 6
 

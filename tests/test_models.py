@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from raydistill.config import ConfigError
-from raydistill.models import MODELS, create_model
+from raydistill.config.core import ConfigError
+from raydistill.models.registry import MODELS, create_model
 
 SHAPES = [(1, 28), (3, 32), (3, 64)]  # (channels, size): Fashion-MNIST, CIFAR, Tiny-ImageNet-like
 

@@ -13,9 +13,9 @@ import yaml
 
 from conftest import needs_fashion
 from raydistill.cli import main
-from raydistill.config import ConfigError, load_config
-from raydistill.tune import draw_samples, load_sweep, plan_trials, run_sweep, trial_config, trial_resources
-from raydistill.worker import MetaGradWorker
+from raydistill.config.core import ConfigError, load_config
+from raydistill.tune.core import draw_samples, load_sweep, plan_trials, run_sweep, trial_config, trial_resources
+from raydistill.distributed.worker import MetaGradWorker
 
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
 ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ships CrashingWorker to the trials
@@ -120,7 +120,7 @@ def test_a_trial_asks_for_exactly_the_workers_it_starts():
 def test_a_mis_sized_placement_group_is_refused_at_once_instead_of_hanging(ray_session):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from raydistill.cluster import TrialPlacement
+    from raydistill.distributed.cluster import TrialPlacement
 
     group = placement_group([{"CPU": 1}], strategy="PACK")
     ray_session.get(group.ready(), timeout=30)

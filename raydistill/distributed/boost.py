@@ -13,12 +13,12 @@ from pathlib import Path
 
 import torch
 
-from raydistill import run_dir as rundir
-from raydistill.artifact import BUDGETS_FILE, read_distilled
-from raydistill.atomic import atomic_write_json
-from raydistill.config import BoostStage, ConfigError, DistillConfig
-from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
-from raydistill.engine import distill_on_ray
+from raydistill.io import run_dir as rundir
+from raydistill.io.artifact import BUDGETS_FILE, read_distilled
+from raydistill.io.atomic import atomic_write_json
+from raydistill.config.core import BoostStage, ConfigError, DistillConfig
+from raydistill.distributed.local import SyntheticSet, init_synthetic, load_checked, run_evaluation
+from raydistill.distributed.engine import distill_on_ray
 from raydistill.runtime import resolve_device
 
 

@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from raydistill.config import ConfigError, RayConfig
+from raydistill.config.core import ConfigError, RayConfig
 
 
 def connect(address: str | None) -> bool:
@@ -106,7 +106,7 @@ class TrialPlacement(WorkerPlacement):
 
     def __init__(self, group, first: int, workers: int):
         if group is None:
-            raise ConfigError("placement: no placement group here; run the trial through raydistill.tune")
+            raise ConfigError("placement: no placement group here; run the trial through raydistill.tune.core")
         bundles = placement_group_table(group).get("bundles", {})
         self.bundles = [bundles[i] for i in sorted(bundles) if i >= first]
         if len(self.bundles) != workers:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from raydistill.config import ConfigError, DataConfig
-from raydistill.zca import ZCA
+from raydistill.config.core import ConfigError, DataConfig
+from raydistill.data.zca import ZCA
 
 
 class DataError(ValueError):

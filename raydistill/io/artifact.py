@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from raydistill.atomic import atomic_path, atomic_write_bytes, json_default
+from raydistill.io.atomic import atomic_path, atomic_write_bytes, json_default
 
 FORMAT_VERSION = 1
 META_KEY = b"raydistill"
@@ -354,7 +354,7 @@ def _fmt(value: Any) -> str:
 
 
 def _accuracy(entry: dict) -> str:
-    return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.evaluate)
+    return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.eval.evaluate)
 
 
 def _eval_lines(path: Path) -> list[str]:

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydistill.atomic import atomic_path
+from raydistill.io.atomic import atomic_path
 
 FORMAT_VERSION = 1
 SUFFIX = ".rdck"

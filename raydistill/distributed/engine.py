@@ -21,10 +21,10 @@ import ray
 from ray.exceptions import RayError
 from tqdm import tqdm
 
-from raydistill import run_dir as rundir
-from raydistill.atomic import append_jsonl, atomic_write_text
-from raydistill.checkpoint import CheckpointWarning
-from raydistill.cluster import (
+from raydistill.io import run_dir as rundir
+from raydistill.io.atomic import append_jsonl, atomic_write_text
+from raydistill.io.checkpoint import CheckpointWarning
+from raydistill.distributed.cluster import (
     TrialPlacement,
     WorkerPlacement,
     connect,
@@ -32,11 +32,11 @@ from raydistill.cluster import (
     placement_state,
     worker_resources,
 )
-from raydistill.config import DistillConfig, config_to_dict
-from raydistill.distill import SyntheticSet, init_synthetic, load_checked, run_evaluation
+from raydistill.config.core import DistillConfig, config_to_dict
+from raydistill.distributed.local import SyntheticSet, init_synthetic, load_checked, run_evaluation
 from raydistill.runtime import resolve_device
-from raydistill.server import ParameterServer
-from raydistill.worker import MetaGradWorker, validate_snapshot
+from raydistill.distributed.server import ParameterServer
+from raydistill.distributed.worker import MetaGradWorker, validate_snapshot
 
 
 ValidationHook = Callable[[int, float, float], None]  # (step, val_acc, best val_acc so far)

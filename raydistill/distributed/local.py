@@ -1,6 +1,6 @@
 """Distillation in one process: the RaT-BPTT outer loop, validation-based selection, the artifact and its report.
 
-The CLI runs distillation on Ray (raydistill.engine); this loop is the reference it must match bit for bit with one
+The CLI runs distillation on Ray (raydistill.distributed.engine); this loop is the reference it must match bit for bit with one
 worker, and a Ray-free entry point for notebooks and debugging. The helpers here are shared by both.
 """
 
@@ -16,13 +16,13 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from raydistill import run_dir as rundir
-from raydistill.atomic import append_jsonl
-from raydistill.config import DistillConfig, validate_against_data
-from raydistill.data import Dataset, load_dataset
-from raydistill.evaluate import evaluate_set, evaluation_report, format_report, network_for, random_real_subset
-from raydistill.meta_gradient import ModelFactory, meta_gradient, task_seed
-from raydistill.meta_update import MetaOptimizer
+from raydistill.io import run_dir as rundir
+from raydistill.io.atomic import append_jsonl
+from raydistill.config.core import DistillConfig, validate_against_data
+from raydistill.data.registry import Dataset, load_dataset
+from raydistill.eval.evaluate import evaluate_set, evaluation_report, format_report, network_for, random_real_subset
+from raydistill.methods.ratbptt.meta_gradient import ModelFactory, meta_gradient, task_seed
+from raydistill.synset.meta_update import MetaOptimizer
 from raydistill.runtime import resolve_device, set_threads
 
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from raydistill.augment import augment
-from raydistill.config import AugmentConfig, RatBpttConfig
-from raydistill.inner_opt import make_inner_optimizer
+from raydistill.data.augment import augment
+from raydistill.config.core import AugmentConfig, RatBpttConfig
+from raydistill.methods.ratbptt.inner_opt import make_inner_optimizer
 
 ModelFactory = Callable[[], nn.Module]
 

@@ -15,9 +15,9 @@ import numpy as np
 import ray
 import torch
 
-from raydistill.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
-from raydistill.config import config_from_dict
-from raydistill.meta_update import MetaOptimizer
+from raydistill.io.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
+from raydistill.config.core import config_from_dict
+from raydistill.synset.meta_update import MetaOptimizer
 
 CHECKPOINTS = "checkpoints"
 

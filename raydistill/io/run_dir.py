@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from raydistill import __version__
-from raydistill.artifact import (
+from raydistill.io.artifact import (
     DISTILLED_FILE,
     EVAL_FILE,
     METRICS_FILE,
@@ -21,9 +21,9 @@ from raydistill.artifact import (
     write_distilled,
     write_zca,
 )
-from raydistill.atomic import atomic_write_json, atomic_write_text
-from raydistill.config import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config
-from raydistill.data import Dataset
+from raydistill.io.atomic import atomic_write_json, atomic_write_text
+from raydistill.config.core import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config
+from raydistill.data.registry import Dataset
 
 ARTIFACT, METRICS, EVAL = DISTILLED_FILE, METRICS_FILE, EVAL_FILE
 GRID = "grid.png"

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raydistill.config import ConfigError, DistillConfig, _read_yaml, config_from_dict, config_to_dict, validate_against_data
+from raydistill.config.core import ConfigError, DistillConfig, _read_yaml, config_from_dict, config_to_dict, validate_against_data
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 BOOST_KNOBS = ("block", "blocks", "beta", "steps_per_block")
@@ -283,7 +283,7 @@ def _set_dotted(data: dict, key: str, value: Any) -> None:
 
 def trial_config(sweep: Sweep, params: dict[str, Any], check_paths: bool = True) -> tuple[DistillConfig, list[int]]:
     """The full config of one sample (and its budgets, for boosting); ConfigError says why a sample is invalid."""
-    from raydistill.boost import cumulative_budgets, schedule
+    from raydistill.distributed.boost import cumulative_budgets, schedule
 
     data, _ = _read_yaml(sweep.base)
     values = {**sweep.fixed, **params}
@@ -326,7 +326,7 @@ def trial_config(sweep: Sweep, params: dict[str, Any], check_paths: bool = True)
 
 def plan_trials(sweep: Sweep) -> list[Trial]:
     """Every sample as a Trial: valid (with its config) or rejected (with the one-line reason)."""
-    from raydistill.data import load_dataset
+    from raydistill.data.registry import load_dataset
 
     trials, sizes = [], {}
     for index, params in enumerate(draw_samples(sweep)):
@@ -351,7 +351,7 @@ def trial_resources(cfg: DistillConfig, head_cpus: float, gpus: bool):
     """The trial's placement group: the head (trial driver + parameter server) and one bundle per worker."""
     from ray import tune
 
-    from raydistill.cluster import worker_bundle
+    from raydistill.distributed.cluster import worker_bundle
 
     head = {"CPU": head_cpus} if head_cpus > 0 else {}
     return tune.PlacementGroupFactory([head] + [worker_bundle(cfg.ray, gpus) for _ in range(cfg.ray.workers)],
@@ -363,7 +363,7 @@ def trial_resources(cfg: DistillConfig, head_cpus: float, gpus: bool):
 
 def copy_run(src: Path, dst: Path) -> None:
     """Copy a run directory, keeping only the newest checkpoint of each checkpoints/ folder."""
-    from raydistill.checkpoint import list_checkpoints
+    from raydistill.io.checkpoint import list_checkpoints
 
     for root, dirs, files in os.walk(src):
         here = Path(root)
@@ -416,8 +416,8 @@ def restore_run(run: Path) -> bool:
 
 def steps_done(run: Path, cfg: DistillConfig) -> int:
     """Meta-steps a restored run directory already holds: finished stages plus the newest checkpoint."""
-    from raydistill.checkpoint import list_checkpoints
-    from raydistill.run_dir import ARTIFACT
+    from raydistill.io.checkpoint import list_checkpoints
+    from raydistill.io.run_dir import ARTIFACT
 
     def newest(folder: Path) -> int:
         found = list_checkpoints(folder / "checkpoints")
@@ -439,9 +439,9 @@ def budget_accuracies(run: Path, cfg: DistillConfig, budgets: list[int], placeme
     """Validation accuracy of every nested prefix, computed in the trial's worker bundles (idle by now)."""
     import ray
 
-    from raydistill.artifact import read_distilled
-    from raydistill.run_dir import ARTIFACT
-    from raydistill.worker import validate_snapshot
+    from raydistill.io.artifact import read_distilled
+    from raydistill.io.run_dir import ARTIFACT
+    from raydistill.distributed.worker import validate_snapshot
 
     dset = read_distilled(run / ARTIFACT)
     task = ray.remote(validate_snapshot)
@@ -464,12 +464,12 @@ def run_trial(config: dict, sweep: dict, plan: dict[str, dict], worker_cls: type
     """
     import ray
 
-    from raydistill.artifact import read_distilled
-    from raydistill.boost import boost_on_ray
-    from raydistill.cluster import TrialPlacement
-    from raydistill.engine import distill_on_ray
-    from raydistill.run_dir import ARTIFACT
-    from raydistill.worker import MetaGradWorker
+    from raydistill.io.artifact import read_distilled
+    from raydistill.distributed.boost import boost_on_ray
+    from raydistill.distributed.cluster import TrialPlacement
+    from raydistill.distributed.engine import distill_on_ray
+    from raydistill.io.run_dir import ARTIFACT
+    from raydistill.distributed.worker import MetaGradWorker
 
     spec = Sweep(**sweep)
     cfg, budgets = trial_config(spec, plan[config["trial"]])
@@ -511,7 +511,7 @@ def _check_fits(trials: list[Trial], head_cpus: float) -> bool:
     """Fail now when a trial can never be placed on this cluster (Tune would wait for it forever)."""
     import ray
 
-    from raydistill.cluster import worker_resources
+    from raydistill.distributed.cluster import worker_resources
 
     total_cpus = ray.cluster_resources().get("CPU", 0)
     for trial in trials:
@@ -578,7 +578,7 @@ def experiment_exists(sweep: Sweep) -> bool:
 
 def check_plan(path: Path, trials: list[Trial], resume: bool) -> None:
     """Record which parameters each trial id stands for; a resumed sweep must draw the same ones."""
-    from raydistill.atomic import atomic_write_json
+    from raydistill.io.atomic import atomic_write_json
 
     plan = {t.id: t.params for t in trials}
     if resume and path.exists():
@@ -599,7 +599,7 @@ class Interrupted(RuntimeError):
 def run_sweep(path: str | os.PathLike, *, resume: bool = False, out: str | os.PathLike | None = None,
               address: str | None = None, worker_cls: type | None = None, verbose: int = 1) -> dict:
     """Run (or continue) a sweep; returns the summary rows, best trial and output paths."""
-    from raydistill.cluster import connect
+    from raydistill.distributed.cluster import connect
 
     sweep = load_sweep(path)
     trials = plan_trials(sweep)
@@ -699,7 +699,7 @@ def output_dir(sweep: Sweep, out: str | os.PathLike | None) -> Path:
 
 
 def write_outputs(sweep: Sweep, trials: list[Trial], grid, out: str | os.PathLike | None = None) -> dict:
-    from raydistill.atomic import atomic_write_text
+    from raydistill.io.atomic import atomic_write_text
 
     folder = output_dir(sweep, out)
     folder.mkdir(parents=True, exist_ok=True)

@@ -33,7 +33,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    root: str | None = None  # None: the data set's default location (see raydistill.data)
+    root: str | None = None  # None: the data set's default location (see raydistill.data.registry)
     val_size: int = 5000  # held out of the training split for checkpoint selection and Tune
     split_seed: int = 0
     zca: bool = False
@@ -221,8 +221,8 @@ def _positive(value: float, name: str) -> None:
 
 def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
     """Check everything that can be checked without loading data; raise ConfigError on the first problem."""
-    from raydistill.data import DATASETS, default_root  # registries live beside their implementations
-    from raydistill.models import MODELS
+    from raydistill.data.registry import DATASETS, default_root  # registries live beside their implementations
+    from raydistill.models.registry import MODELS
 
     _positive(cfg.ipc, "ipc")
     if cfg.steps < 0:
@@ -352,13 +352,13 @@ def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, 
 
 
 def preset_names() -> list[str]:
-    folder = resources.files("raydistill") / "presets"
+    folder = resources.files("raydistill.config") / "presets"
     return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(path_or_name: str) -> tuple[dict, str]:
     """A preset by name (shipped in the package) or by path; returns (data, where it came from)."""
-    packaged = resources.files("raydistill") / "presets" / f"{path_or_name}.yaml"
+    packaged = resources.files("raydistill.config") / "presets" / f"{path_or_name}.yaml"
     if os.sep not in path_or_name and not path_or_name.endswith((".yaml", ".yml")) and packaged.is_file():
         text, where = packaged.read_text(), f"preset {path_or_name}"
     elif Path(path_or_name).is_file():

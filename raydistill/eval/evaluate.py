@@ -13,11 +13,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from raydistill.augment import augment
-from raydistill.config import AugmentConfig, DistillConfig, EvalConfig
-from raydistill.data import Dataset
-from raydistill.meta_gradient import soft_cross_entropy
-from raydistill.models import create_model
+from raydistill.data.augment import augment
+from raydistill.config.core import AugmentConfig, DistillConfig, EvalConfig
+from raydistill.data.registry import Dataset
+from raydistill.methods.ratbptt.meta_gradient import soft_cross_entropy
+from raydistill.models.registry import create_model
 
 Progress = Callable[[], None]
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from raydistill.config import NORMS, ConfigError
+from raydistill.config.core import NORMS, ConfigError
 
 __all__ = ["MODELS", "register_model", "create_model", "make_norm", "ConvNet", "AlexNet", "VGG11", "ResNet18"]
 

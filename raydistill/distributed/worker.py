@@ -11,9 +11,9 @@ import numpy as np
 import ray
 import torch
 
-from raydistill.config import DistillConfig, config_from_dict
-from raydistill.data import load_dataset
-from raydistill.meta_gradient import meta_gradient, task_seed
+from raydistill.config.core import DistillConfig, config_from_dict
+from raydistill.data.registry import load_dataset
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient, task_seed
 from raydistill.runtime import set_threads
 
 
@@ -34,7 +34,7 @@ def as_tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | 
 
 class MetaGradWorker:
     def __init__(self, cfg_dict: dict):
-        from raydistill.distill import model_factory  # not at import time: keeps `import raydistill.worker` light
+        from raydistill.distributed.local import model_factory  # not at import time: keeps `import raydistill.distributed.worker` light
 
         self.cfg: DistillConfig = config_from_dict(cfg_dict)
         set_threads(self.cfg.ray.worker_threads)
@@ -70,7 +70,7 @@ class MetaGradWorker:
 
 def validate_snapshot(cfg_dict: dict, snapshot: dict) -> float:
     """Validation accuracy of a snapshot (a Ray task: it runs beside distillation, never in its way)."""
-    from raydistill.distill import SyntheticSet, validation_accuracy
+    from raydistill.distributed.local import SyntheticSet, validation_accuracy
 
     cfg = config_from_dict(cfg_dict)
     set_threads(cfg.ray.worker_threads)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raydistill.config import MetaOptConfig
+from raydistill.config.core import MetaOptConfig
 
 
 @dataclass
