@@ -27,11 +27,13 @@ import ray
 import torch
 
 from raydistill.io.artifact import read_distilled
-from raydistill.distributed.boost import boost_on_ray, schedule
-from raydistill.config.core import load_config
-from raydistill.distributed.local import load_checked
-from raydistill.distributed.engine import distill_on_ray
-from raydistill.eval.evaluate import evaluate_set, random_real_subset
+from raydistill.distributed.boost import boost
+from raydistill.synset.boost import schedule
+from raydistill.config.loading import load_config
+from raydistill.config.validate import load_checked
+from raydistill.distributed.driver import distill
+from raydistill.eval.baselines import random_real_subset
+from raydistill.eval.train import evaluate_set
 from raydistill.io.run_dir import targets_of
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -62,9 +64,9 @@ def main() -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = dataclasses.replace(base, boost=dataclasses.replace(base.boost, stages=schedule(1, K, args.beta, N)))
-            boost_on_ray(cfg, Path(tmp) / "boost", progress=False, evaluate=False)
+            boost(cfg, Path(tmp) / "boost", progress=False, evaluate=False)
             boosted = read_distilled(Path(tmp) / "boost" / "distilled.parquet")
-            distill_on_ray(dataclasses.replace(base, ipc=K, steps=K * N), Path(tmp) / f"direct{K}", progress=False,
+            distill(dataclasses.replace(base, ipc=K, steps=K * N), Path(tmp) / f"direct{K}", progress=False,
                            evaluate=False)
             direct_k = read_distilled(Path(tmp) / f"direct{K}" / "distilled.parquet")
             for k in range(1, K + 1):
@@ -73,7 +75,7 @@ def main() -> int:
                 if k == K:
                     sets["direct"][k] = direct_k
                 else:
-                    distill_on_ray(dataclasses.replace(base, ipc=k, steps=k * N), Path(tmp) / f"direct{k}",
+                    distill(dataclasses.replace(base, ipc=k, steps=k * N), Path(tmp) / f"direct{k}",
                                    progress=False, evaluate=False)
                     sets["direct"][k] = read_distilled(Path(tmp) / f"direct{k}" / "distilled.parquet")
                 print(f"distilled budget {k} ({time.time() - began:.0f} s)", flush=True)

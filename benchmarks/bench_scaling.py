@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import ray
 
-from raydistill.config.core import config_to_dict, load_config
-from raydistill.distributed.engine import distill_on_ray
+from raydistill.config.loading import config_to_dict, load_config
+from raydistill.distributed.driver import distill
 from raydistill.distributed.server import ParameterServer
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -43,7 +43,7 @@ def throughput(workers: int, window_mode: str, steps: int, warmup: int) -> dict:
                                      "ray.worker_threads=1", "threads=1", f"ratbptt.window_mode={window_mode}",
                                      "ray.checkpoint_every=1000"])
     with tempfile.TemporaryDirectory() as tmp:
-        distill_on_ray(cfg, Path(tmp) / "run", progress=False, evaluate=False)
+        distill(cfg, Path(tmp) / "run", progress=False, evaluate=False)
         lines = (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     step_seconds = [r["seconds"] for r in records if "seconds" in r][warmup:]

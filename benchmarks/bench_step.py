@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 
-from raydistill.config.core import load_config
-from raydistill.eval.evaluate import network_for
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient, task_seed
+from raydistill.config.loading import load_config
+from raydistill.eval.train import network_for
+from raydistill.methods.base import task_seed
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 
 
 class Shape:
@@ -98,7 +99,7 @@ class Step:
         self.factory = lambda: network_for(cfg.model.name, cfg, shape)
 
     def run(self, unroll: int, window: int, step: int) -> None:
-        r = replace(self.cfg.ratbptt, unroll=unroll, window=window, window_mode="end")
+        r = replace(self.cfg.method_config, unroll=unroll, window=window, window_mode="end")
         meta_gradient(self.images, self.hard, None, self.real_x, self.real_y, self.factory, r,
                       self.cfg.augment, task_seed(0, step, 0))
 
@@ -117,7 +118,7 @@ class Step:
 
 def bench(name: str, cfg, shape: Shape, num_real: int, device: torch.device, repeats: int) -> dict:
     step = Step(cfg, shape, num_real, device)
-    T, W = cfg.ratbptt.unroll, cfg.ratbptt.window
+    T, W = cfg.method_config.unroll, cfg.method_config.window
     step.run(T, W, step=1000)  # warm-up: allocator, kernels, caches
     seconds = [step.timed(T, W, i) for i in range(repeats)]
     median = statistics.median(seconds)
@@ -135,7 +136,7 @@ def bench(name: str, cfg, shape: Shape, num_real: int, device: torch.device, rep
         "width": cfg.model.width,
         "unroll": T,
         "window": W,
-        "real_batch": cfg.ratbptt.real_batch,
+        "real_batch": cfg.method_config.real_batch,
         "seconds_per_meta_step": round(median, 4),
         "seconds_all": [round(s, 4) for s in seconds],
         "inner_steps_per_second": round(T / median, 2),

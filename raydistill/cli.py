@@ -7,7 +7,21 @@ import sys
 import time
 from pathlib import Path
 
-from raydistill.config.core import ConfigError, load_config, preset_names
+from raydistill.config import ConfigError
+from raydistill.config.loading import config_from_dict, config_to_dict, load_config, preset_names
+from raydistill.config.validate import load_checked
+from raydistill.data.registry import DataError
+from raydistill.distributed.boost import boost, evaluate_budgets
+from raydistill.distributed.driver import EngineError, distill
+from raydistill.distributed.results import run_evaluation
+from raydistill.io.artifact import ArtifactError, read_distilled, write_distilled
+from raydistill.io.summary import summarise
+from raydistill.io.run_dir import ARTIFACT, load_run, targets_of
+from raydistill.methods.registry import get_method
+from raydistill.models.registry import MODELS
+from raydistill.runtime import set_threads
+from raydistill.synset.boost import schedule
+from raydistill.tune import Interrupted, run_sweep
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -22,10 +36,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-set evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the server and workers in this process instead of on Ray (debugging, notebooks)")
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
-    _add_run_args(sub.add_parser("distill", help="distil a data set with RaT-BPTT"))
+    _add_run_args(sub.add_parser("distill", help="distil a data set (method: ratbptt by default)"))
 
 
 def _add_boost(sub: argparse._SubParsersAction) -> None:
@@ -100,32 +116,30 @@ def _finished(summary: dict, run: str) -> bool:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from raydistill.distributed.engine import distill_on_ray
-
     overrides = _overrides(args)
     if args.resume:
         if overrides:
             raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--workers/--mode/--address")
-        summary = distill_on_ray(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval)
+        summary = distill(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
+                          in_process=args.in_process)
         if _finished(summary, args.resume):
             return 0
     else:
         cfg = load_config(args.preset, overrides)
-        summary = distill_on_ray(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval)
+        summary = distill(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
+                          in_process=args.in_process)
     print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
     return 0
 
 
 def cmd_boost(args: argparse.Namespace) -> int:
-    from raydistill.distributed.boost import boost_on_ray
-
     overrides = _overrides(args)
     budgets = _budgets(args.budgets)
     if args.resume:
         if overrides or args.block or args.blocks:
             raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--block/--blocks/--workers")
-        summary = boost_on_ray(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
-                               budgets=budgets)
+        summary = boost(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
+                        budgets=budgets, in_process=args.in_process)
         if _finished(summary, args.resume):
             return 0
     else:
@@ -134,24 +148,16 @@ def cmd_boost(args: argparse.Namespace) -> int:
                               "preset's boost.stages")
         cfg = load_config(args.preset, overrides)
         if args.block is not None:
-            from raydistill.distributed.boost import schedule
-            from raydistill.config.core import config_from_dict, config_to_dict
-
             steps = args.steps_per_block if args.steps_per_block is not None else cfg.steps
             cfg.boost.stages = schedule(args.block, args.blocks, args.beta, steps)
             cfg = config_from_dict(config_to_dict(cfg))  # the flags are validated like any field
-        summary = boost_on_ray(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
-                               budgets=budgets)
+        summary = boost(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
+                        budgets=budgets, in_process=args.in_process)
     print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from raydistill.distributed.local import load_checked, run_evaluation
-    from raydistill.models.registry import MODELS
-    from raydistill.io.run_dir import load_run, targets_of
-    from raydistill.runtime import resolve_device, set_threads
-
     if args.models is not None and args.models <= 0:
         raise ConfigError(f"--models: must be > 0, got {args.models}")
     dset, cfg = load_run(args.run_dir)
@@ -163,19 +169,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     set_threads(cfg.threads)
     dataset = load_checked(cfg)
     if args.budgets is not None:
-        from raydistill.distributed.boost import evaluate_budgets
-
         evaluate_budgets(Path(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
                          progress=not args.quiet)
         return 0
-    run_evaluation(Path(args.run_dir), dset.images, targets_of(dset), cfg, dataset, resolve_device(cfg.device),
-                   cfg.eval.archs, args.models, progress=not args.quiet)
+    run_evaluation(Path(args.run_dir), dset.images, targets_of(dset), cfg, dataset, cfg.eval.archs, args.models,
+                   progress=not args.quiet, on_ray=False)
     return 0
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from raydistill.tune.core import run_sweep
-
     summary = run_sweep(args.sweep, resume=args.resume, out=args.out, address=args.address,
                         verbose=0 if args.quiet else 1)
     if summary["best"] is None:
@@ -185,16 +187,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from raydistill.io.artifact import summarise
-
     print(summarise(args.run_dir))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from raydistill.io.artifact import read_distilled, write_distilled
-    from raydistill.io.run_dir import ARTIFACT
-
     dset = read_distilled(Path(args.run_dir) / ARTIFACT)
     if args.prefix is not None:
         if not 1 <= args.prefix <= dset.ipc:
@@ -208,9 +205,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_presets(_: argparse.Namespace) -> int:
     for name in preset_names():
         cfg = load_config(name, check_paths=False)
-        r = cfg.ratbptt
+        method = get_method(cfg.method).describe(cfg.method_config)
         print(f"{name:24s} {cfg.data.name:14s} IPC {cfg.ipc:<3d} {cfg.model.name}-{cfg.model.depth} w{cfg.model.width:<4d}"
-              f" T={r.unroll} W={r.window} {r.window_mode:8s} steps={cfg.steps}")
+              f" {method} steps={cfg.steps}")
     return 0
 
 
@@ -220,23 +217,15 @@ COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show"
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from raydistill.io.artifact import ArtifactError
-    from raydistill.data.registry import DataError
-
     try:
         return COMMANDS[args.command](args)
     except (ConfigError, DataError, ArtifactError) as exc:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 2
-    except RuntimeError as exc:
-        from raydistill.distributed.engine import EngineError
-        from raydistill.tune.core import Interrupted
-
-        if isinstance(exc, Interrupted):
-            print(f"raydistill: {exc}", file=sys.stderr)
-            return 130
-        if not isinstance(exc, EngineError):
-            raise
+    except Interrupted as exc:
+        print(f"raydistill: {exc}", file=sys.stderr)
+        return 130
+    except EngineError as exc:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

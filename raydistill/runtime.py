@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from raydistill.config.core import ConfigError
+from raydistill.config import ConfigError
 
 
 def resolve_device(name: str) -> torch.device:

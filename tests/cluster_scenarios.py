@@ -29,11 +29,12 @@ os.environ.pop("RAY_ADDRESS", None)  # connect() must reuse this script's cluste
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from raydistill.config.core import ConfigError, load_config  # noqa: E402
-import raydistill.distributed.engine as engine  # noqa: E402
-from raydistill.distributed.engine import distill_on_ray  # noqa: E402
+from raydistill.config import ConfigError  # noqa: E402
+from raydistill.config.loading import load_config  # noqa: E402
+import raydistill.distributed.driver as engine  # noqa: E402
+from raydistill.distributed.driver import distill  # noqa: E402
 from raydistill.distributed.server import ParameterServer  # noqa: E402
-from raydistill.distributed.worker import MetaGradWorker  # noqa: E402
+from raydistill.distributed.worker import GradientWorker  # noqa: E402
 
 TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
         "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",
@@ -61,7 +62,7 @@ def read_lines(path: Path) -> list[dict]:
 
 # These subclasses live in __main__, so Ray ships them by value; the class attribute travels with them.
 
-class RecordsItsNode(MetaGradWorker):
+class RecordsItsNode(GradientWorker):
     """A worker that appends {node_id, pid, time} to `log` once it is ready (after every (re)start)."""
 
     log = ""
@@ -99,7 +100,7 @@ def gpu_placement(out: Path) -> dict:
         gpu_node = cluster.add_node(**NODE, num_cpus=1, num_gpus=1)  # a logical GPU: no CUDA behind it
         connect(cluster)
         began = time.time()
-        summary = distill_on_ray(tiny("steps=6", "ray.workers=1"), out / "run", progress=False, evaluate=False)
+        summary = distill(tiny("steps=6", "ray.workers=1"), out / "run", progress=False, evaluate=False)
         result = {"nodes": node_ids(cluster), "gpu_node": gpu_node.node_id,
                   "cluster_resources": ray.cluster_resources(), "summary": summary,
                   "seconds": round(time.time() - began, 1)}
@@ -107,7 +108,7 @@ def gpu_placement(out: Path) -> dict:
 
         began = time.time()
         try:
-            distill_on_ray(tiny("steps=6", "ray.workers=2"), out / "two", progress=False, evaluate=False)
+            distill(tiny("steps=6", "ray.workers=2"), out / "two", progress=False, evaluate=False)
             result["two_workers"] = {"raised": None}
         except ConfigError as exc:
             result["two_workers"] = {"raised": "ConfigError", "message": str(exc)}
@@ -153,7 +154,7 @@ def node_loss(out: Path, steps: int = 40, remove_after: int = 5) -> dict:
 
         def distil() -> None:
             try:
-                outcome["summary"] = distill_on_ray(tiny(f"steps={steps}", "ray.workers=2"), run, progress=False,
+                outcome["summary"] = distill(tiny(f"steps={steps}", "ray.workers=2"), run, progress=False,
                                                     evaluate=False, worker_cls=RecordsItsNode,
                                                     server_cls=ServerRecordsItsNode)
             except BaseException:  # noqa: BLE001 - reported through the result file
@@ -230,7 +231,7 @@ def capacity_lost(out: Path, steps: int = 200) -> dict:
 
         def distil() -> None:
             try:
-                distill_on_ray(tiny(f"steps={steps}", "ray.workers=2", "ray.placement_timeout_s=5"), run,
+                distill(tiny(f"steps={steps}", "ray.workers=2", "ray.placement_timeout_s=5"), run,
                                progress=False, evaluate=False)
             except engine.EngineError as exc:
                 outcome["engine_error"] = str(exc)

@@ -7,6 +7,10 @@ import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray's worker processes import plug-in methods defined in this folder (toy_method.py) by name, as a cluster's
+# nodes would import an installed package.
+TESTS = os.path.dirname(os.path.abspath(__file__))
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION), reason="needs dataset-fashion-mnist")
@@ -16,6 +20,7 @@ needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION), reason="needs dat
 def ray_session():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level=logging.WARNING)
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()

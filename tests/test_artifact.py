@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raydistill.io import artifact, atomic
+from raydistill.io import artifact, atomic, summary
 from raydistill.io.artifact import ArtifactError, DistilledSet
-from raydistill.config.core import DistillConfig, config_to_dict
+from raydistill.config import DistillConfig
+from raydistill.config.loading import config_to_dict
 
 
 def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True, blocks: bool = False) -> DistilledSet:
@@ -294,7 +295,7 @@ def test_summarise(tmp_path):
     with open(run / artifact.METRICS_FILE, "a") as fh:
         fh.write('{"step": 11, "meta_lo')  # a crash mid-append
 
-    text = artifact.summarise(run)
+    text = summary.summarise(run)
     print(text)
     assert "dataset:  toy (4 classes)" in text
     assert "images:   12 (3 per class), shape 3x5x6" in text
@@ -308,6 +309,6 @@ def test_summarise(tmp_path):
 
 def test_summarise_errors(tmp_path):
     with pytest.raises(ArtifactError, match="no such run directory"):
-        artifact.summarise(tmp_path / "missing")
+        summary.summarise(tmp_path / "missing")
     with pytest.raises(ArtifactError, match="distilled.parquet: no such file"):
-        artifact.summarise(tmp_path)
+        summary.summarise(tmp_path)

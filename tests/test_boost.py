@@ -9,9 +9,11 @@ import torch
 
 from conftest import needs_fashion
 from raydistill.io.artifact import read_distilled
-from raydistill.distributed.boost import boost_on_ray
+from raydistill.distributed.boost import boost
 from raydistill.cli import main
-from raydistill.config.core import MetaOptConfig, load_config
+from raydistill.config import MetaOptConfig
+from raydistill.config.loading import load_config
+from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
 
 TINY = ["steps=3", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
@@ -26,12 +28,14 @@ def sets(overrides):
 def test_zero_lr_scale_leaves_those_examples_bit_identical():
     images = torch.randn(6, 1, 4, 4)
     scale = torch.tensor([0.0, 0.0, 0.0, 1.0, 1.0, 1.0])
-    opt = MetaOptimizer(images, torch.eye(2).repeat(3, 1), MetaOptConfig(lr=0.1), example_lr_scale=scale)
+    specs = {"images": Learnable(), "soft_labels": Learnable(clamp_min=0.0)}
+    opt = MetaOptimizer({"images": images, "soft_labels": torch.eye(2).repeat(3, 1)}, specs, MetaOptConfig(lr=0.1),
+                        example_lr_scale=scale)
     for _ in range(5):
-        opt.step(torch.randn_like(images), torch.randn(6, 2))
-    assert torch.equal(opt.images[:3], images[:3])
-    assert torch.equal(opt.soft_labels[:3], torch.eye(2).repeat(3, 1)[:3])
-    assert not torch.equal(opt.images[3:], images[3:])
+        opt.step({"images": torch.randn_like(images), "soft_labels": torch.randn(6, 2)})
+    assert torch.equal(opt.tensors["images"][:3], images[:3])
+    assert torch.equal(opt.tensors["soft_labels"][:3], torch.eye(2).repeat(3, 1)[:3])
+    assert not torch.equal(opt.tensors["images"][3:], images[3:])
 
 
 def test_boost_stage_beta_must_be_a_fraction(capsys):
@@ -101,11 +105,11 @@ def test_an_interrupted_boost_resumes_stage_by_stage_to_the_same_set(boosted, tm
     shutil.rmtree(partial / "stage-3")
     shutil.rmtree(partial / "stage-2" / "checkpoints")  # stage 2 interrupted before its first checkpoint...
     (partial / "stage-2" / "distilled.parquet").unlink()  # ...and never finished
-    summary = boost_on_ray(None, partial, resume=True, progress=False, evaluate=False)
+    summary = boost(None, partial, resume=True, progress=False, evaluate=False)
     assert summary["ipc"] == 3
     assert torch.equal(read_distilled(partial / "distilled.parquet").images,
                        read_distilled(boosted / "distilled.parquet").images)
-    assert boost_on_ray(None, partial, resume=True, progress=False)["finished"]
+    assert boost(None, partial, resume=True, progress=False)["finished"]
 
 
 def test_a_boost_schedule_can_be_a_yaml_list(tmp_path):

@@ -23,8 +23,21 @@ from raydistill.io.checkpoint import (
     save_checkpoint,
     state_to_arrays,
 )
-from raydistill.config.core import MetaOptConfig
+from raydistill.config import MetaOptConfig
+from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
+
+def make_meta(images, soft, cfg):
+    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
+    tensors, specs = {"images": images}, {"images": Learnable()}
+    if soft is not None:
+        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
+    return MetaOptimizer(tensors, specs, cfg)
+
+
+def named(g, gl=None):
+    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}
+
 
 
 def tricky_arrays() -> dict[str, np.ndarray]:
@@ -52,10 +65,10 @@ def make_optimizer(labels: bool, steps: int) -> MetaOptimizer:
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(4, 1, 3, 3, generator=gen)
     soft = torch.eye(2).repeat(2, 1) if labels else None
-    opt = MetaOptimizer(images, soft, MetaOptConfig())
+    opt = make_meta(images, soft, MetaOptConfig())
     for _ in range(steps):
         grad_labels = torch.randn(4, 2, generator=gen) if labels else None
-        opt.step(torch.randn(4, 1, 3, 3, generator=gen), grad_labels)
+        opt.step(named(torch.randn(4, 1, 3, 3, generator=gen), grad_labels))
     return opt
 
 
@@ -118,8 +131,8 @@ def test_meta_optimizer_resumes_exactly(tmp_path, labels):
     # The resumed optimizer continues exactly as the original would have.
     grad = torch.full((4, 1, 3, 3), 0.5)
     grad_labels = torch.full((4, 2), -0.25) if labels else None
-    opt.step(grad, grad_labels)
-    resumed.step(grad, grad_labels)
+    opt.step(named(grad, grad_labels))
+    resumed.step(named(grad, grad_labels))
     assert_same_state(opt.state_dict(), resumed.state_dict())
 
 

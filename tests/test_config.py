@@ -6,7 +6,9 @@ import sys
 import pytest
 
 from raydistill.cli import main
-from raydistill.config.core import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config, preset_names
+from raydistill.config import ConfigError
+from raydistill.config.loading import config_from_dict, config_to_dict, load_config, preset_names
+from raydistill.methods.ratbptt.config import RatBpttConfig
 
 FASHION = "/usr/share/datasets/fashion-mnist"
 
@@ -76,22 +78,22 @@ def test_exit_code_from_a_real_process(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "raydistill.cli", "distill", "--set", "ipc=-1"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "raydistill: error: ipc: must be > 0, got -1"
+    assert proc.stderr.strip() == "raydistill: error: ipc: must be a finite number > 0, got -1"
 
 
 @pytest.mark.parametrize("name", preset_names())
 def test_every_shipped_preset_loads(name):
     cfg = load_config(name, check_paths=False)
-    assert cfg.ratbptt.window <= cfg.ratbptt.unroll
+    assert cfg.method_config.window <= cfg.method_config.unroll
 
 
 def test_reference_presets_match_the_paper_table():
     c10 = load_config("cifar10-ipc10", check_paths=False)
-    assert (c10.ratbptt.unroll, c10.ratbptt.window, c10.data.zca, c10.labels.learn) == (200, 60, True, False)
+    assert (c10.method_config.unroll, c10.method_config.window, c10.data.zca, c10.labels.learn) == (200, 60, True, False)
     c100 = load_config("cifar100-ipc1", check_paths=False)
-    assert (c100.ratbptt.window_mode, c100.ratbptt.fixed_start, c100.meta.lr) == ("fixed", 40, 3e-4)
+    assert (c100.method_config.window_mode, c100.method_config.fixed_start, c100.meta.lr) == ("fixed", 40, 3e-4)
     tiny = load_config("tinyimagenet-ipc10", check_paths=False)
-    assert (tiny.model.depth, tiny.ratbptt.real_batch, tiny.labels.learn) == (4, 1000, True)
+    assert (tiny.model.depth, tiny.method_config.real_batch, tiny.labels.learn) == (4, 1000, True)
 
 
 def test_config_round_trips_through_a_dict():
@@ -104,6 +106,6 @@ def test_config_round_trips_through_a_dict():
 def test_defaults_are_valid_and_ints_widen_to_floats():
     cfg = config_from_dict({"meta": {"lr": 1}}, check_paths=False)
     assert cfg.meta.lr == 1.0 and isinstance(cfg.meta.lr, float)
-    assert isinstance(DistillConfig().ratbptt.window, int)
+    assert isinstance(RatBpttConfig().window, int)
     with pytest.raises(ConfigError, match="expected int"):
         config_from_dict({"ipc": 1.5}, check_paths=False)

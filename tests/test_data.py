@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import raydistill.data.registry as data
-from raydistill.config.core import ConfigError, DataConfig
-from raydistill.data.registry import DATASETS, DataError, default_root, load_dataset, read_idx, split_indices
+from raydistill.config import ConfigError, DataConfig
+from raydistill.data.loaders import read_idx
+from raydistill.data.registry import DATASETS, DataError, default_root, load_dataset, split_indices
 from raydistill.data.zca import ZCA
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

@@ -14,11 +14,11 @@ import torch
 
 from conftest import needs_fashion
 from raydistill.io.artifact import read_distilled
-from raydistill.config.core import ConfigError, load_config
-from raydistill.distributed.local import distill
-from raydistill.distributed.engine import distill_on_ray
+from raydistill.config import ConfigError
+from raydistill.config.loading import load_config
+from raydistill.distributed.driver import distill
 from raydistill.distributed.server import ParameterServer
-from raydistill.distributed.worker import MetaGradWorker
+from raydistill.distributed.worker import GradientWorker
 
 pytestmark = needs_fashion
 
@@ -49,13 +49,13 @@ def metric_steps(run) -> list[int]:
 def reference_k2(ray_session, tmp_path_factory):
     """An uninterrupted sync run with two workers: what every failure test must reproduce exactly."""
     out = tmp_path_factory.mktemp("ref") / "k2"
-    summary = distill_on_ray(tiny("ray.workers=2"), out, progress=False, evaluate=False)
+    summary = distill(tiny("ray.workers=2"), out, progress=False, evaluate=False)
     return out, summary
 
 
 def test_one_worker_reproduces_the_single_machine_run_bit_for_bit(ray_session, tmp_path):
-    distill(tiny(), tmp_path / "local", progress=False, evaluate=False)
-    distill_on_ray(tiny("ray.workers=1"), tmp_path / "ray", progress=False, evaluate=False)
+    distill(tiny(), tmp_path / "local", in_process=True, progress=False, evaluate=False)
+    distill(tiny("ray.workers=1"), tmp_path / "ray", progress=False, evaluate=False)
     assert torch.equal(images_of(tmp_path / "local"), images_of(tmp_path / "ray"))
     local = read_distilled(tmp_path / "local" / "distilled.parquet").soft_labels
     assert torch.equal(local, read_distilled(tmp_path / "ray" / "distilled.parquet").soft_labels)
@@ -66,10 +66,10 @@ def test_sync_run_applies_every_step_exactly_once(reference_k2):
     assert summary["status"]["applied_steps"] == list(range(STEPS))
     assert metric_steps(out) == list(range(1, STEPS + 1))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
-    assert len(record["starts"]) == 2 and record["used"] == 2  # two independent windows averaged per step
+    assert len(record["stats"]) == 2 and record["used"] == 2  # two independent windows averaged per step
 
 
-class DiesOnce(MetaGradWorker):
+class DiesOnce(GradientWorker):
     """Kills its own process (like SIGKILL) the first time it reaches step 3, slot 1."""
 
     marker = ""
@@ -84,7 +84,7 @@ class DiesOnce(MetaGradWorker):
 
 def test_a_killed_worker_loses_no_step(reference_k2, tmp_path, monkeypatch):
     monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "marker"))
-    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+    summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
                              worker_cls=DiesOnce)
     assert (tmp_path / "marker").exists()  # the worker really died
     assert summary["status"]["applied_steps"] == list(range(STEPS))
@@ -101,7 +101,7 @@ class ServerDiesOnce(ParameterServer):
 
 
 def test_a_killed_parameter_server_resumes_from_its_checkpoint(reference_k2, tmp_path):
-    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+    summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
                              server_cls=ServerDiesOnce)
     assert (tmp_path / "run" / "server-died").exists()
     status = summary["status"]
@@ -111,16 +111,16 @@ def test_a_killed_parameter_server_resumes_from_its_checkpoint(reference_k2, tmp
     assert torch.equal(images_of(tmp_path / "run"), images_of(reference_k2[0]))
 
 
-class NaNFromSlot1(MetaGradWorker):
+class NaNFromSlot1(GradientWorker):
     def compute(self, snapshot, step, slot):
         result = super().compute(snapshot, step, slot)
         if step == 2 and slot == 1:
-            result["images"] = np.full_like(result["images"], np.nan)
+            result["grads"]["images"] = np.full_like(result["grads"]["images"], np.nan)
         return result
 
 
 def test_a_non_finite_gradient_is_dropped_and_the_others_apply(ray_session, tmp_path):
-    summary = distill_on_ray(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
+    summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
                              worker_cls=NaNFromSlot1)
     assert summary["dropped"]["nonfinite"] == 1
     assert summary["status"]["applied_steps"] == list(range(STEPS))
@@ -148,21 +148,21 @@ def test_driver_killed_then_resumed_continues_from_the_checkpoint(reference_k2, 
     newest.write_bytes(newest.read_bytes()[:100])
 
     with pytest.warns(UserWarning, match="previous good"):  # raised in the server, surfaced by the driver
-        summary = distill_on_ray(None, out, resume=True, progress=False, evaluate=False)
+        summary = distill(None, out, resume=True, progress=False, evaluate=False)
     assert summary["status"]["applied_steps"] == list(range(40))
     assert metric_steps(out) == list(range(1, 41))
-    uninterrupted = distill_on_ray(tiny("ray.workers=2", "steps=40"), tmp_path / "straight", progress=False,
+    uninterrupted = distill(tiny("ray.workers=2", "steps=40"), tmp_path / "straight", progress=False,
                                    evaluate=False)
     assert uninterrupted["status"]["applied_steps"] == list(range(40))
     assert torch.equal(images_of(out), images_of(tmp_path / "straight"))
 
     before = (out / "distilled.parquet").read_bytes()
-    assert distill_on_ray(None, out, resume=True, progress=False)["finished"]  # a finished run is left alone
+    assert distill(None, out, resume=True, progress=False)["finished"]  # a finished run is left alone
     assert (out / "distilled.parquet").read_bytes() == before
 
 
 def test_async_mode_applies_the_requested_steps_and_logs_staleness(ray_session, tmp_path):
-    summary = distill_on_ray(tiny("ray.workers=2", "ray.mode=async", "eval.every=3", "eval.val_steps=5",
+    summary = distill(tiny("ray.workers=2", "ray.mode=async", "eval.every=3", "eval.val_steps=5",
                                   "eval.val_models=1"), tmp_path / "run", progress=False, evaluate=False)
     assert summary["status"]["step"] == STEPS
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -174,10 +174,10 @@ def test_async_mode_applies_the_requested_steps_and_logs_staleness(ray_session, 
 
 def test_the_server_drops_stale_gradients(ray_session, tmp_path):
     cfg = tiny("ray.mode=async", "ray.max_staleness=1")
-    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), np.zeros((10, 1, 28, 28), np.float32), np.arange(10),
-                         np.eye(10, dtype=np.float32))
-    fresh = {"images": np.ones((10, 1, 28, 28), np.float32), "labels": np.zeros((10, 10), np.float32),
-             "meta_loss": 1.0, "start": 0, "window": 2}
+    learnables = {"images": np.zeros((10, 1, 28, 28), np.float32), "soft_labels": np.eye(10, dtype=np.float32)}
+    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), learnables, np.arange(10))
+    fresh = {"grads": {"images": np.ones((10, 1, 28, 28), np.float32), "soft_labels": np.zeros((10, 10), np.float32)},
+             "loss": 1.0, "stats": {}, "seconds": 0.0, "slot": 0}
     assert ps.apply_async({**fresh, "version": 0})["accepted"]
     assert ps.apply_async({**fresh, "version": 0})["accepted"]  # one version old: allowed
     report = ps.apply_async({**fresh, "version": 0})  # two versions old: dropped
@@ -187,23 +187,25 @@ def test_the_server_drops_stale_gradients(ray_session, tmp_path):
 
 def test_a_repeated_sync_apply_is_not_applied_twice(ray_session, tmp_path):
     cfg = tiny()
-    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), np.zeros((10, 1, 28, 28), np.float32), np.arange(10), None)
-    grad = {"images": np.ones((10, 1, 28, 28), np.float32), "labels": None, "meta_loss": 1.0, "version": 0}
+    learnables = {"images": np.zeros((10, 1, 28, 28), np.float32), "soft_labels": np.eye(10, dtype=np.float32)}
+    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), learnables, np.arange(10))
+    grad = {"grads": {"images": np.ones((10, 1, 28, 28), np.float32), "soft_labels": np.zeros((10, 10), np.float32)},
+            "loss": 1.0, "stats": {}, "seconds": 0.0, "slot": 0, "version": 0}
     assert ps.apply_sync(0, grad)["accepted"]
-    before = ps.current()["images"].copy()
+    before = ps.current()["learnables"]["images"].copy()
     assert not ps.apply_sync(0, grad)["accepted"]  # a retried call for a step already done
-    assert np.array_equal(ps.current()["images"], before) and ps.status()["applied_steps"] == [0]
+    assert np.array_equal(ps.current()["learnables"]["images"], before) and ps.status()["applied_steps"] == [0]
 
 
 def test_a_request_the_cluster_can_never_meet_fails_at_once(ray_session, tmp_path):
     began = time.time()
     with pytest.raises(ConfigError, match="ray.workers: 5 workers need 5 CPU but the cluster has 2"):
-        distill_on_ray(tiny("ray.workers=5"), tmp_path / "run", progress=False, evaluate=False)
+        distill(tiny("ray.workers=5"), tmp_path / "run", progress=False, evaluate=False)
     assert time.time() - began < 30
 
 
 def cfg_dict(cfg):
-    from raydistill.config.core import config_to_dict
+    from raydistill.config.loading import config_to_dict
 
     return config_to_dict(cfg)
 

@@ -10,12 +10,27 @@ from torch import nn
 from torch.func import functional_call
 
 import raydistill.methods.ratbptt.inner_opt as inner_opt
-from raydistill.config.core import AugmentConfig, MetaOptConfig, RatBpttConfig
+from raydistill.config import AugmentConfig, MetaOptConfig
+from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient, plan_window, task_seed, unrolled_meta_loss
+from raydistill.methods.base import task_seed
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient, plan_window, unrolled_meta_loss
+from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
 
 CLASSES, IPC, SIDE = 2, 2, 6
+
+def make_meta(images, soft, cfg):
+    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
+    tensors, specs = {"images": images}, {"images": Learnable()}
+    if soft is not None:
+        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
+    return MetaOptimizer(tensors, specs, cfg)
+
+
+def named(g, gl=None):
+    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}
+
 
 
 class TinyNet(nn.Module):
@@ -206,52 +221,53 @@ def test_safe_sqrt_value_is_exact():
 
 def test_non_finite_meta_gradient_is_skipped_and_leaves_the_set_unchanged():
     images = torch.randn(4, 1, SIDE, SIDE)
-    opt = MetaOptimizer(images, None, MetaOptConfig(lr=0.1))
-    opt.step(torch.randn_like(images))
-    before = opt.images.clone()
+    opt = make_meta(images, None, MetaOptConfig(lr=0.1))
+    opt.step(named(torch.randn_like(images)))
+    before = opt.tensors["images"].clone()
     state = opt.state_dict()
     bad = torch.randn_like(images)
     bad[0, 0, 0, 0] = math.nan
-    report = opt.step(bad)
+    report = opt.step(named(bad))
     assert not report.applied and opt.skipped == 1
-    assert torch.equal(opt.images, before)
+    assert torch.equal(opt.tensors["images"], before)
     assert opt.updates == state["updates"] and opt.grad_norm_ema == state["grad_norm_ema"]
 
 
 def test_meta_update_clips_to_twice_the_norm_ema_and_clamps_labels():
     images = torch.zeros(4, 1, SIDE, SIDE)
     labels = torch.eye(2).repeat(2, 1)
-    opt = MetaOptimizer(images, labels, MetaOptConfig(lr=0.1, clip_factor=2.0, ema_decay=0.9))
+    opt = make_meta(images, labels, MetaOptConfig(lr=0.1, clip_factor=2.0, ema_decay=0.9))
     g = torch.ones_like(images)
-    first = opt.step(g, torch.ones_like(labels))  # positive label gradient pushes labels below 0 -> clamped
+    first = opt.step(named(g, torch.ones_like(labels)))  # positive label gradient pushes labels below 0 -> clamped
     assert first.clip_norm is None
-    assert (opt.soft_labels >= 0).all() and (opt.soft_labels == 0).any()
-    huge = opt.step(1000 * g, torch.zeros_like(labels))
+    assert (opt.tensors["soft_labels"] >= 0).all() and (opt.tensors["soft_labels"] == 0).any()
+    huge = opt.step(named(1000 * g, torch.zeros_like(labels)))
     assert huge.clip_norm == pytest.approx(2 * first.grad_norm)
     assert opt.grad_norm_ema == pytest.approx(0.9 * first.grad_norm + 0.1 * huge.clip_norm)
 
 
 def test_meta_optimizer_state_round_trip():
     images = torch.randn(4, 1, SIDE, SIDE)
-    a = MetaOptimizer(images, torch.eye(2).repeat(2, 1), MetaOptConfig())
+    a = make_meta(images, torch.eye(2).repeat(2, 1), MetaOptConfig())
     for _ in range(3):
-        a.step(torch.randn_like(images), torch.randn(4, 2))
-    b = MetaOptimizer(torch.zeros_like(images), torch.zeros(4, 2), MetaOptConfig())
+        a.step(named(torch.randn_like(images), torch.randn(4, 2)))
+    b = make_meta(torch.zeros_like(images), torch.zeros(4, 2), MetaOptConfig())
     b.load_state_dict(a.state_dict())
     g, gl = torch.randn_like(images), torch.randn(4, 2)
-    a.step(g, gl), b.step(g, gl)
-    assert torch.equal(a.images, b.images) and torch.equal(a.soft_labels, b.soft_labels)
+    a.step(named(g, gl)), b.step(named(g, gl))
+    assert torch.equal(a.tensors["images"], b.tensors["images"])
+    assert torch.equal(a.tensors["soft_labels"], b.tensors["soft_labels"])
 
 
 def test_meta_update_is_adam_when_nothing_is_clipped():
     images = torch.randn(4, 1, SIDE, SIDE)
     reference = images.clone().requires_grad_(True)
-    ours = MetaOptimizer(images, None, MetaOptConfig(lr=0.01, clip_factor=1e9))
+    ours = make_meta(images, None, MetaOptConfig(lr=0.01, clip_factor=1e9))
     theirs = torch.optim.Adam([reference], lr=0.01)
     for i in range(20):
         g = torch.randn_like(images)
         g[0, 0, 0, 0] = 0.0  # an exactly-zero gradient element stays finite
-        ours.step(g)
+        ours.step(named(g))
         reference.grad = g.clone()
         theirs.step()
-    torch.testing.assert_close(ours.images, reference.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours.tensors["images"], reference.detach(), rtol=0, atol=1e-6)

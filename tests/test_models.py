@@ -1,11 +1,12 @@
-"""Model registry, shapes, norm choices, reproducible init and double backward under functional_call."""
+"""Model registry, shapes, features, norm choices, reproducible init and double backward under functional_call."""
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call
 
-from raydistill.config.core import ConfigError
+from raydistill.config import ConfigError
+from raydistill.models.losses import soft_cross_entropy
 from raydistill.models.registry import MODELS, create_model
 
 SHAPES = [(1, 28), (3, 32), (3, 64)]  # (channels, size): Fashion-MNIST, CIFAR, Tiny-ImageNet-like
@@ -19,6 +20,35 @@ def test_logits_shape(name, channels, size):
     out = model(torch.randn(2, channels, size, size))
     assert out.shape == (2, 10)
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("channels,size", SHAPES[:2])
+@pytest.mark.parametrize("norm", ["instance", "batch"])
+def test_forward_is_the_head_of_the_features(name, channels, size, norm):
+    torch.manual_seed(0)
+    model = create_model(name, channels, 10, size, width=8, norm=norm).eval()
+    x = torch.randn(3, channels, size, size)
+    features = model.features(x)
+    assert features.shape == (3, model.head.in_features)  # flat, and exactly what the head reads
+    assert torch.equal(model(x), model.head(features))
+
+
+@pytest.mark.parametrize("channels,size,dim", [(1, 28, 8 * 3 * 3), (3, 32, 8 * 4 * 4)])
+def test_feature_widths_follow_the_architecture(channels, size, dim):
+    x = torch.randn(2, channels, size, size)
+    assert create_model("convnet", channels, 10, size, width=8).features(x).shape == (2, dim)
+    assert create_model("alexnet", channels, 10, size).features(x).shape == (2, 192 * (size // 8) ** 2)
+    assert create_model("vgg11", channels, 10, size).features(x).shape == (2, 512)
+    assert create_model("resnet18", channels, 10, size).features(x).shape == (2, 512)
+
+
+def test_soft_cross_entropy_matches_cross_entropy_on_one_hot_targets():
+    torch.manual_seed(0)
+    logits, y = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    hard = soft_cross_entropy(logits, y)
+    assert torch.allclose(soft_cross_entropy(logits, nn.functional.one_hot(y, 4).float()), hard)
+    assert torch.equal(hard, nn.functional.cross_entropy(logits, y))
 
 
 def test_convnet_depth4_at_64():

@@ -1,5 +1,7 @@
-"""Ray Tune sweeps: the sweep file, sampling and rejection, trial placement, ASHA, retries and --resume."""
+"""Ray Tune sweeps: the sweep file, rejected samples, trial placement, ASHA, retries and --resume."""
 
+import csv
+import dataclasses
 import json
 import os
 import signal
@@ -14,8 +16,9 @@ import yaml
 from conftest import needs_fashion
 from raydistill.cli import main
 from raydistill.config.core import ConfigError, load_config
-from raydistill.tune.core import draw_samples, load_sweep, plan_trials, run_sweep, trial_config, trial_resources
-from raydistill.distributed.worker import MetaGradWorker
+from raydistill.distributed.worker import GradientWorker
+from raydistill.tune import WORST_SCORE, checked_config, load_sweep, run_sweep, run_trial, trial_config, trial_resources
+from raydistill.tune import trial as tune_trial
 
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")
 ray_cloudpickle.register_pickle_by_value(sys.modules[__name__])  # ships CrashingWorker to the trials
@@ -28,11 +31,19 @@ TINY = {"steps": 6, "ipc": 1, "model.width": 8, "ratbptt.unroll": 4, "ratbptt.wi
 
 def write_sweep(folder: Path, **fields) -> Path:
     searched = fields.get("search", {}) if isinstance(fields.get("search"), dict) else {}
-    body = {"name": "tiny", "base": "quickstart", "set": {k: v for k, v in TINY.items() if k not in searched},
+    fixed = fields.pop("set", TINY)
+    body = {"name": "tiny", "base": "quickstart", "set": {k: v for k, v in fixed.items() if k not in searched},
             "storage": str(folder / "store"), "max_concurrent_trials": 1, **fields}
     path = folder / f"{body['name'].replace('/', '_')}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
+
+
+def by_params(rows: list[dict], **params) -> dict:
+    """The one row whose swept values are `params` (dots in keys written as __)."""
+    wanted = {k.replace("__", "."): v for k, v in params.items()}
+    (row,) = [r for r in rows if all(r[k] == v for k, v in wanted.items())]
+    return row
 
 
 # ---------------------------------------------------------------------------------------------- the sweep file
@@ -46,6 +57,8 @@ def write_sweep(folder: Path, **fields) -> Path:
     ({"search": {"boost.size": {"grid": [1, 2]}}}, "search.boost.size: unknown boosting knob"),
     ({"metric": "val_acc_mean"}, "metric: 'val_acc_mean': a distillation sweep ranks on val_acc"),
     ({"scheduler": {"name": "hyperband"}}, "scheduler: expected {name: asha|fifo"),
+    ({"searcher": {"name": "hyperopt"}}, "searcher: expected {name: basic|optuna}"),
+    ({"searcher": "optuna"}, "search.ratbptt.window: optuna cannot search a grid"),
     ({"num_samples": 0}, "num_samples: expected an integer >= 1"),
     ({"name": "a/b"}, "name: 'a/b' must be a plain folder name"),
 ])
@@ -60,61 +73,68 @@ def test_a_bad_sweep_file_is_one_line_naming_the_key(tmp_path, capsys, fields, n
     assert not (tmp_path / "store").exists()  # nothing is created for a bad file
 
 
-def test_samples_cover_the_grid_and_draw_the_rest_reproducibly(tmp_path):
-    path = write_sweep(tmp_path, num_samples=3, seed=7, search={
-        "ratbptt.window": {"grid": [1, 2]}, "meta.lr": {"loguniform": [1e-4, 1e-1]},
-        "ratbptt.inner_lr": {"uniform": [0.001, 0.01]}, "ratbptt.unroll": {"randint": [4, 9]},
-        "init.mode": {"choice": ["real", "noise"]}})
-    sweep = load_sweep(path)
-    samples = draw_samples(sweep)
-    assert len(samples) == 6 and [s["ratbptt.window"] for s in samples] == [1, 1, 1, 2, 2, 2]
-    assert samples == draw_samples(load_sweep(path))  # the seed fixes every draw
-    assert all(1e-4 <= s["meta.lr"] <= 1e-1 and 0.001 <= s["ratbptt.inner_lr"] <= 0.01 for s in samples)
-    assert all(4 <= s["ratbptt.unroll"] < 9 and s["init.mode"] in ("real", "noise") for s in samples)
-    assert len({s["meta.lr"] for s in samples}) == 6
+def test_a_search_space_without_a_single_valid_corner_is_refused_before_ray_starts(tmp_path, capsys):
+    path = write_sweep(tmp_path, search={"ratbptt.window": {"grid": [8, 9]}})  # every window > unroll 4
+    assert main(["tune", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "search: every corner of the search space is invalid, e.g. {'ratbptt.window': 9}: ratbptt.window" in err
+    assert not (tmp_path / "store").exists()
+
+
+# ---------------------------------------------------------------------------------------------- rejected samples
 
 
 @needs_fashion
 def test_invalid_samples_are_rejected_with_the_validators_reason(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 8]},
                                                       "ratbptt.real_batch": {"grid": [64, 10**6]}}))
-    trials = plan_trials(sweep)
-    assert [t.reason is None for t in trials] == [True, False, False, False]
-    assert trials[1].reason.startswith("ratbptt.real_batch: 1000000 is larger than the training split")
-    assert trials[2].reason.startswith("ratbptt.window: window 8 > unroll 4")
+    cfg, _ = checked_config(sweep, {"ratbptt.window": 2, "ratbptt.real_batch": 64})
+    assert cfg.steps == 6
+    with pytest.raises(ConfigError, match="^ratbptt.real_batch: 1000000 is larger than the training split"):
+        checked_config(sweep, {"ratbptt.window": 2, "ratbptt.real_batch": 10**6})
+    with pytest.raises(ConfigError, match="^ratbptt.window: window 8 > unroll 4"):
+        checked_config(sweep, {"ratbptt.window": 8, "ratbptt.real_batch": 64})
 
 
-@needs_fashion
 def test_a_boosting_sample_with_a_budget_above_its_ipc_is_rejected(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, boost={"beta": 0.1, "steps_per_block": 2, "budgets": [1, 3]},
                                    metric="val_acc_mean",
                                    search={"boost.block": {"grid": [1]}, "boost.blocks": {"grid": [2, 3]}}))
-    first, second = plan_trials(sweep)
-    assert first.reason.startswith("boost.budgets: budget 3 > the schedule's IPC 2 (2 blocks of 1)")
-    assert second.reason is None and [s.block for s in second.cfg.boost.stages] == [1, 1, 1]
-    assert second.budgets == [1, 3] and second.total_steps == 6
+    with pytest.raises(ConfigError, match=r"^boost.budgets: budget 3 > the schedule's IPC 2 \(2 blocks of 1\)"):
+        trial_config(sweep, {"boost.block": 1, "boost.blocks": 2}, check_paths=False)
+    cfg, budgets = trial_config(sweep, {"boost.block": 1, "boost.blocks": 3}, check_paths=False)
+    assert [s.block for s in cfg.boost.stages] == [1, 1, 1] and budgets == [1, 3]
+    assert sum(s.steps for s in cfg.boost.stages) == 6
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "tune_configs").glob("*.yaml")))
-def test_every_shipped_sweep_builds_only_valid_trials_or_says_why(name):
-    sweep = load_sweep(REPO / "tune_configs" / name)
-    built, reasons = 0, []
-    for params in draw_samples(sweep):
-        try:
-            trial_config(sweep, params, check_paths=False)
-            built += 1
-        except ConfigError as exc:
-            reasons.append(str(exc))
-    assert built >= 6
-    assert all(r.startswith("ratbptt.window: window") for r in reasons)  # only W > T is ever rejected
+def test_a_rejected_sample_reports_the_worst_score_once_and_starts_nothing(tmp_path, monkeypatch):
+    sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 8]}}))
+    reports = []
+
+    def started(*args, **kwargs):
+        raise AssertionError("a rejected sample must not start anything")
+
+    monkeypatch.setattr(tune_trial.tune, "report", lambda metrics, **kw: reports.append((metrics, kw)))
+    for name in ("restore_run", "TrialPlacement", "distill_on_ray", "boost_on_ray"):
+        monkeypatch.setattr(tune_trial, name, started)
+    run_trial({"ratbptt.window": 8}, dataclasses.asdict(sweep))
+    ((metrics, extra),) = reports
+    assert metrics["val_acc"] == WORST_SCORE == 0.0 and metrics["step"] == 0 and not extra  # no checkpoint
+    assert metrics["rejected"].startswith("ratbptt.window: window 8 > unroll 4")
 
 
-def test_a_trial_asks_for_exactly_the_workers_it_starts():
+# ---------------------------------------------------------------------------------------------- placement
+
+
+def test_a_trial_asks_for_exactly_the_workers_it_starts(tmp_path):
     cfg = load_config("quickstart", ["ray.workers=3", "ray.cpus_per_worker=2"], check_paths=False)
     empty_head = trial_resources(cfg, 0, gpus=False)
     assert empty_head.head_bundle_is_empty and empty_head.bundles == [{"CPU": 2.0}] * 3
     with_head = trial_resources(cfg, 1, gpus=True)
     assert with_head.bundles == [{"CPU": 1.0}] + [{"GPU": 1.0, "CPU": 1.0}] * 3
+    sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 8]}}))
+    rejected = tune_trial.sample_resources({"ratbptt.window": 8}, sweep, gpus=False)
+    assert rejected.bundles == [tune_trial.REJECTED_BUNDLE]  # an invalid sample still gets a (small) group
 
 
 def test_a_mis_sized_placement_group_is_refused_at_once_instead_of_hanging(ray_session):
@@ -135,6 +155,15 @@ def test_a_mis_sized_placement_group_is_refused_at_once_instead_of_hanging(ray_s
         remove_placement_group(group)
 
 
+@needs_fashion
+def test_a_trial_larger_than_the_cluster_stops_the_sweep_before_it_starts(ray_session, tmp_path, capsys):
+    path = write_sweep(tmp_path, head_cpus=0.5, search={"ray.workers": {"grid": [1, 2]}})  # 2 workers + 0.5 > 2
+    assert main(["tune", str(path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "the sample {ray.workers=2}: head_cpus: 0.5 for the trial plus 2 for its workers exceed the cluster's 2" in err
+    assert not list((tmp_path / "store" / "tiny").glob("experiment_state*"))
+
+
 # ---------------------------------------------------------------------------------------------- sweeps on Ray
 
 
@@ -150,11 +179,12 @@ def asha_sweep(ray_session, tmp_path_factory):
 @needs_fashion
 def test_every_trial_ends_and_asha_stops_the_weaker_one_early(asha_sweep):
     folder, summary = asha_sweep
-    rows = {r["trial"]: r for r in summary["rows"]}
-    assert rows["t000"]["status"] == "done" and rows["t000"]["step"] == 6
-    assert rows["t002"]["status"] == "stopped" and rows["t002"]["step"] == 2  # noise init: below the rung's median
-    assert rows["t001"]["status"] == rows["t003"]["status"] == "rejected"
-    assert summary["best"]["trial"] == "t000" and summary["best"]["val_acc"] > rows["t002"]["val_acc"]
+    rows = summary["rows"]
+    real, noise = by_params(rows, init__mode="real", ratbptt__window=2), by_params(rows, init__mode="noise",
+                                                                                   ratbptt__window=2)
+    assert real["trial"] == "t000" and real["status"] == "done" and real["step"] == 6
+    assert noise["status"] == "stopped" and noise["step"] == 2  # noise init: below the rung's median
+    assert summary["best"]["trial"] == "t000" and summary["best"]["val_acc"] > noise["val_acc"]
     table = (folder / "store" / "tiny" / "results.csv").read_text().splitlines()
     assert table[0].startswith("trial,init.mode,ratbptt.window,status,val_acc") and len(table) == 5
     assert table[1].startswith("t000,real,2,done,")
@@ -162,11 +192,28 @@ def test_every_trial_ends_and_asha_stops_the_weaker_one_early(asha_sweep):
 
 
 @needs_fashion
+def test_a_rejected_sample_is_listed_with_its_reason_and_never_started(asha_sweep):
+    folder, summary = asha_sweep
+    experiment = folder / "store" / "tiny"
+    rejected = [r for r in summary["rows"] if r["status"] == "rejected"]
+    assert sorted(r["init.mode"] for r in rejected) == ["noise", "real"] and summary["rows"][-2:] == rejected
+    for row in rejected:
+        assert row["ratbptt.window"] == 8 and row["note"].startswith("ratbptt.window: window 8 > unroll 4")
+        assert row["val_acc"] is None  # the searcher saw the worst score; the table shows none
+        trial = experiment / row["trial"]
+        assert not list(trial.glob("checkpoint_*"))  # no run directory was ever reported
+        assert len((trial / "result.json").read_text().splitlines()) == 1  # one report, never retried
+    with open(experiment / "results.csv") as fh:
+        listed = [r for r in csv.DictReader(fh) if r["status"] == "rejected"]
+    assert len(listed) == 2 and all(r["note"].startswith("ratbptt.window: window 8 > unroll 4") for r in listed)
+
+
+@needs_fashion
 def test_the_best_config_is_a_preset_that_distill_accepts(asha_sweep, tmp_path):
     _, summary = asha_sweep
     preset = Path(summary["best_preset"])
-    cfg = load_config(str(preset))
-    assert cfg.init.mode == "real" and cfg.ratbptt.window == 2 and cfg.steps == 6
+    data = yaml.safe_load(preset.read_text())
+    assert data["init"]["mode"] == "real" and data["ratbptt"]["window"] == 2 and data["steps"] == 6
     assert main(["distill", "--preset", str(preset), "--out", str(tmp_path / "again"), "--no-eval", "--quiet"]) == 0
     assert (tmp_path / "again" / "distilled.parquet").exists()
 
@@ -178,7 +225,7 @@ def test_a_sweep_is_never_started_twice_into_the_same_experiment(asha_sweep, cap
     assert "an experiment already exists at" in capsys.readouterr().err
 
 
-class CrashingWorker(MetaGradWorker):
+class CrashingWorker(GradientWorker):
     """Fails every meta-step of boosting stage 2 from step 3 on, `crashes` times in all (counted in files)."""
 
     marker_dir = ""
@@ -218,7 +265,7 @@ def test_a_failed_boosting_trial_is_retried_from_its_checkpoint(ray_session, tmp
 def test_resume_after_an_interrupt_finishes_without_rerunning_finished_trials(ray_session, tmp_path):
     path = write_sweep(tmp_path, name="resume", scheduler="fifo", search={"seed": {"grid": [0, 1, 2]}})
     experiment = tmp_path / "store" / "resume"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     address = ray_session.get_runtime_context().gcs_address
     proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "tune", str(path), "--quiet",
                              "--address", address], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -237,15 +284,14 @@ def test_resume_after_an_interrupt_finishes_without_rerunning_finished_trials(ra
     finished_before = (experiment / "t000" / "result.json").read_text()
     assert not (experiment / "t002").exists()
 
+    original = path.read_text()
+    changed = yaml.safe_load(original)
+    changed["search"]["seed"]["grid"] = [0, 1, 3]
+    path.write_text(yaml.safe_dump(changed))  # a changed search space is not a continuation of the experiment
+    with pytest.raises(ConfigError, match=r"^--resume: .*resume.yaml changed since the experiment started"):
+        run_sweep(path, resume=True, verbose=0)
+    path.write_text(original + "# a comment changes nothing\n")
+
     summary = run_sweep(path, resume=True, verbose=0)
     assert [r["status"] for r in sorted(summary["rows"], key=lambda r: r["trial"])] == ["done"] * 3
     assert (experiment / "t000" / "result.json").read_text() == finished_before  # t000 was not run again
-
-
-@needs_fashion
-def test_a_trial_larger_than_the_cluster_stops_the_sweep_before_it_starts(ray_session, tmp_path, capsys):
-    path = write_sweep(tmp_path, head_cpus=1.5, search={"ray.workers": {"grid": [1]}})
-    assert main(["tune", str(path), "--quiet"]) == 2
-    err = capsys.readouterr().err
-    assert "trial t000 {ray.workers=1}: head_cpus: 1.5 for the trial plus 1 for its workers exceed the cluster's 2" in err
-    assert not list((tmp_path / "store" / "tiny").glob("experiment_state*"))

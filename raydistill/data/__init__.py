@@ -1,0 +1,3 @@
+"""Data: the data set registry and its built-in loaders, ZCA whitening and differentiable augmentation."""
+
+import raydistill.data.loaders  # noqa: F401  (registers the built-in data sets)

@@ -9,7 +9,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from raydistill.config.core import ConfigError, RayConfig
+from raydistill.config import ConfigError, RayConfig
 
 
 def connect(address: str | None) -> bool:

@@ -1,9 +1,9 @@
-"""The parameter server: a Ray actor that owns the synthetic set and applies meta-gradients to it.
+"""The parameter server: an actor that owns the synthetic set and applies gradients to it.
 
-It holds the MetaOptimizer (images, labels, Adam moments, grad-norm EMA), the step counter, the log of applied steps
-and the best validated snapshot; it publishes one object-store snapshot per version and checkpoints every N steps.
-Ray restarts it after a crash by calling __init__ again, which resumes from the newest good checkpoint. No maths here
-beyond averaging: the update itself is MetaOptimizer's.
+It holds the MetaOptimizer (the learnable tensors by name, their Adam moments, the grad-norm EMA), the step counter,
+the log of applied steps, the best validated snapshot and each worker slot's method state; it publishes one
+snapshot per version and checkpoints every N steps. Ray restarts it after a crash by calling __init__ again, which
+resumes from the newest good checkpoint. No maths here beyond averaging: the update itself is MetaOptimizer's.
 """
 
 from __future__ import annotations
@@ -12,25 +12,23 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import ray
 import torch
 
+from raydistill.config.loading import config_from_dict
+from raydistill.distributed.backend import BACKENDS
 from raydistill.io.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
-from raydistill.config.core import config_from_dict
+from raydistill.io.run_dir import CHECKPOINTS
+from raydistill.methods.registry import get_method
 from raydistill.synset.meta_update import MetaOptimizer
-
-CHECKPOINTS = "checkpoints"
 
 
 def finite(result: dict) -> bool:
-    return bool(np.isfinite(result["images"]).all()) and (
-        result["labels"] is None or bool(np.isfinite(result["labels"]).all())
-    )
+    return all(bool(np.isfinite(g).all()) for g in result["grads"].values())
 
 
 def stats(result: dict) -> dict:
-    """What the driver logs of a worker's result (everything but the gradient arrays)."""
-    return {k: v for k, v in result.items() if k not in ("images", "labels")}
+    """What the driver logs of a worker's result: the method's statistics as they are, plus the loss and time."""
+    return {"loss": result["loss"], "stats": result["stats"], "seconds": result["seconds"], "slot": result["slot"]}
 
 
 def average(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -43,19 +41,26 @@ def average(arrays: list[np.ndarray]) -> torch.Tensor:
     return torch.from_numpy(total)
 
 
+def copy_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in arrays.items()}
+
+
 class ParameterServer:
-    def __init__(self, cfg_dict: dict, run_dir: str, images: np.ndarray, hard_labels: np.ndarray,
-                 soft_labels: np.ndarray | None, lr_scale: np.ndarray | None = None):
+    def __init__(self, cfg_dict: dict, run_dir: str, learnables: dict[str, np.ndarray], hard_labels: np.ndarray,
+                 lr_scale: np.ndarray | None = None, backend: str = "ray"):
         self.cfg = config_from_dict(cfg_dict, check_paths=False)
+        self.backend = BACKENDS[backend]
         self.checkpoints = Path(run_dir) / CHECKPOINTS
         self.hard_labels = np.asarray(hard_labels)
-        self.meta = MetaOptimizer(torch.tensor(images), None if soft_labels is None else torch.tensor(soft_labels),
-                                  self.cfg.meta, None if lr_scale is None else torch.tensor(lr_scale))
+        specs = get_method(self.cfg.method).learnables(self.cfg)
+        self.meta = MetaOptimizer({k: torch.tensor(v) for k, v in learnables.items()}, specs, self.cfg.meta,
+                                  None if lr_scale is None else torch.tensor(lr_scale))
         self.step = 0  # meta-steps done
         self.version = 0  # snapshot version: one per applied update
         self.applied_steps: list[int] = []  # every applied step, in order: a step is never applied twice
         self.dropped = {"nonfinite": 0, "stale": 0}
-        self.best: dict | None = None  # {"step", "val_acc", "images", "soft_labels"}
+        self.best: dict | None = None  # {"step", "val_acc", "learnables"}
+        self.slot_states: dict[int, dict[str, np.ndarray]] = {}  # each worker slot's method state after its last task
         self.restored_step: int | None = None
         with warnings.catch_warnings(record=True) as caught:  # surfaced to the driver through status()
             warnings.simplefilter("always", CheckpointWarning)
@@ -68,12 +73,11 @@ class ParameterServer:
     # ------------------------------------------------------------------------------------------ snapshots
 
     def _publish(self) -> None:
-        self._snapshot = ray.put(self._arrays())
+        self._snapshot = self.backend.put(self._arrays())
 
     def _arrays(self) -> dict:
-        soft = self.meta.soft_labels
-        return {"images": self.meta.images.numpy(), "soft_labels": None if soft is None else soft.numpy(),
-                "hard_labels": self.hard_labels, "version": self.version, "step": self.step}
+        return {"learnables": {k: t.numpy() for k, t in self.meta.tensors.items()}, "hard_labels": self.hard_labels,
+                "version": self.version, "step": self.step, "slot_states": self.slot_states}
 
     def snapshot(self) -> dict:
         """The current snapshot's ref (wrapped in a list so Ray passes the ref, not the arrays) and its version."""
@@ -93,9 +97,10 @@ class ParameterServer:
         self.dropped["nonfinite"] += len(results) - len(good)
         applied, grad_norm = False, None
         if good:
-            labels = None if good[0]["labels"] is None else average([r["labels"] for r in good])
-            report = self.meta.step(average([r["images"] for r in good]), labels)
+            report = self.meta.step({name: average([r["grads"][name] for r in good]) for name in good[0]["grads"]})
             applied, grad_norm = report.applied, report.grad_norm
+        for r in results:
+            self._keep_slot_state(r)
         return {**self._advance(step, applied, grad_norm, used=len(good)), "workers": [stats(r) for r in results]}
 
     def apply_async(self, result: dict) -> dict:
@@ -109,10 +114,14 @@ class ParameterServer:
         if not finite(result):
             self.dropped["nonfinite"] += 1
             return {"accepted": False, "step": self.step, "reason": "nonfinite"}
-        report = self.meta.step(torch.from_numpy(np.array(result["images"])),
-                                None if result["labels"] is None else torch.from_numpy(np.array(result["labels"])))
+        report = self.meta.step({k: torch.from_numpy(np.array(g)) for k, g in result["grads"].items()})
+        self._keep_slot_state(result)
         return {**self._advance(self.step, report.applied, report.grad_norm, used=1), "staleness": staleness,
                 "workers": [stats(result)]}
+
+    def _keep_slot_state(self, result: dict) -> None:
+        if result.get("slot_state") is not None:
+            self.slot_states[result["slot"]] = copy_arrays(result["slot_state"])
 
     def _advance(self, step: int, applied: bool, grad_norm: float | None, used: int) -> dict:
         self.step += 1
@@ -131,16 +140,15 @@ class ParameterServer:
         """Keep `snapshot` as the run's result if it validates better than every earlier one."""
         if self.best is not None and val_acc <= self.best["val_acc"]:
             return False
-        self.best = {"step": step, "val_acc": val_acc, "images": np.array(snapshot["images"]),
-                     "soft_labels": None if snapshot["soft_labels"] is None else np.array(snapshot["soft_labels"])}
+        self.best = {"step": step, "val_acc": val_acc, "learnables": copy_arrays(snapshot["learnables"])}
         return True
 
     def result(self) -> dict:
         """The best validated snapshot, or the current one when nothing was validated."""
         if self.best is None:
             return {**self._arrays(), "selected_step": self.step, "val_acc": None}
-        return {**self._arrays(), "images": self.best["images"], "soft_labels": self.best["soft_labels"],
-                "selected_step": self.best["step"], "val_acc": self.best["val_acc"]}
+        return {**self._arrays(), "learnables": self.best["learnables"], "selected_step": self.best["step"],
+                "val_acc": self.best["val_acc"]}
 
     def status(self) -> dict:
         return {"step": self.step, "version": self.version, "applied_steps": list(self.applied_steps),
@@ -155,9 +163,9 @@ class ParameterServer:
                       **{f"dropped.{k}": v for k, v in self.dropped.items()}})
         if self.best is not None:
             state.update({"best.step": self.best["step"], "best.val_acc": self.best["val_acc"],
-                          "best.images": torch.from_numpy(self.best["images"])})
-            if self.best["soft_labels"] is not None:
-                state["best.soft_labels"] = torch.from_numpy(self.best["soft_labels"])
+                          **{f"best.learnables.{k}": torch.from_numpy(v) for k, v in self.best["learnables"].items()}})
+        for slot, slot_state in self.slot_states.items():
+            state.update({f"slot.{slot}.{k}": torch.from_numpy(np.asarray(v)) for k, v in slot_state.items()})
         arrays, meta = state_to_arrays(state)
         return str(save_checkpoint(self.checkpoints, self.step, arrays, meta))
 
@@ -168,7 +176,11 @@ class ParameterServer:
         self.applied_steps = [int(s) for s in state["applied_steps"]]
         self.dropped = {k: int(state[f"dropped.{k}"]) for k in self.dropped}
         if "best.step" in state:
-            soft = state.get("best.soft_labels")
+            prefix = "best.learnables."
             self.best = {"step": int(state["best.step"]), "val_acc": float(state["best.val_acc"]),
-                         "images": state["best.images"].numpy(), "soft_labels": None if soft is None else soft.numpy()}
+                         "learnables": {k[len(prefix):]: v.numpy() for k, v in state.items() if k.startswith(prefix)}}
+        for key, value in state.items():
+            if key.startswith("slot."):
+                _, slot, name = key.split(".", 2)
+                self.slot_states.setdefault(int(slot), {})[name] = value.numpy()
         self.restored_step = self.step

@@ -1,20 +1,27 @@
-"""Meta-gradient workers and validation tasks: Ray wrappers around the pure-PyTorch algorithm.
+"""Gradient workers: the process-side home of a method's set-up; each task is the method's pure gradient function.
 
-A worker caches the real training data and the model factory; each task is a pure function of
-(snapshot, meta-step, slot): the seed comes from (run seed, step, slot), so a task that Ray retries after a crash
-recomputes exactly the same gradient. Tensors cross actor boundaries as float32 numpy arrays, never as CUDA tensors.
+A worker loads what the method needs (real data, a model factory) once; each task is a pure function of
+(snapshot, meta-step, slot, the slot's state): the seed comes from (run seed, step, slot), so a task that Ray
+retries after a crash recomputes exactly the same gradient. Tensors cross process boundaries as float32 numpy
+arrays, never as CUDA tensors.
 """
 
 from __future__ import annotations
+
+import functools
+import time
 
 import numpy as np
 import ray
 import torch
 
-from raydistill.config.core import DistillConfig, config_from_dict
-from raydistill.data.registry import load_dataset
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient, task_seed
-from raydistill.runtime import set_threads
+from raydistill.config import DistillConfig
+from raydistill.config.loading import config_from_dict
+from raydistill.data.registry import Dataset, load_dataset
+from raydistill.distributed.backend import BACKENDS
+from raydistill.eval.train import network_for
+from raydistill.methods.registry import get_method
+from raydistill.runtime import resolve_device, set_threads
 
 
 def worker_device() -> torch.device:
@@ -22,7 +29,7 @@ def worker_device() -> torch.device:
 
     A logical GPU without CUDA (a simulated cluster, or a driver problem) falls back to the CPU rather than failing.
     """
-    if ray.get_gpu_ids() and torch.cuda.is_available():
+    if ray.is_initialized() and ray.get_gpu_ids() and torch.cuda.is_available():
         return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
     return torch.device("cpu")
 
@@ -32,49 +39,50 @@ def as_tensor(array: np.ndarray | None, device: torch.device) -> torch.Tensor | 
     return None if array is None else torch.tensor(array, device=device)
 
 
-class MetaGradWorker:
-    def __init__(self, cfg_dict: dict):
-        from raydistill.distributed.local import model_factory  # not at import time: keeps `import raydistill.distributed.worker` light
+def method_resources(cfg: DistillConfig, dataset: Dataset, needs: tuple[str, ...], device: torch.device) -> dict:
+    """What a method's `needs` ask a worker for, on the worker's device."""
+    resources: dict = {"device": device, "dataset_info": (dataset.num_classes, dataset.image_shape)}
+    if "train_data" in needs:
+        resources["train_x"], resources["train_y"] = dataset.train_x.to(device), dataset.train_y.to(device)
+    if "model_factory" in needs:
+        resources["model_factory"] = functools.partial(network_for, cfg.model.name, cfg, dataset)
+    return resources
 
+
+class GradientWorker:
+    def __init__(self, cfg_dict: dict, backend: str = "ray"):
         self.cfg: DistillConfig = config_from_dict(cfg_dict)
-        set_threads(self.cfg.ray.worker_threads)
-        self.device = worker_device()
-        dataset = load_dataset(self.cfg.data)
-        self.real_x, self.real_y = dataset.train_x.to(self.device), dataset.train_y.to(self.device)
-        self.factory = model_factory(self.cfg, dataset)
+        self.backend = BACKENDS[backend]
+        if backend == "ray":
+            set_threads(self.cfg.ray.worker_threads)
+            self.device = worker_device()
+        else:
+            set_threads(self.cfg.threads)
+            self.device = resolve_device(self.cfg.device)
+        self.method = get_method(self.cfg.method)
+        resources = method_resources(self.cfg, load_dataset(self.cfg.data), self.method.needs, self.device)
+        self.context = self.method.setup(self.cfg, resources)
 
     def compute(self, snapshot: list, step: int, slot: int) -> dict:
-        """One meta-gradient on the snapshot `snapshot[0]` with the seed of (run seed, step, slot)."""
-        snap = ray.get(snapshot[0])
-        images = as_tensor(snap["images"], self.device)
-        soft = as_tensor(snap["soft_labels"], self.device)
+        """One gradient on the snapshot `snapshot[0]` for (step, slot)."""
+        began = time.perf_counter()
+        snap = self.backend.get(snapshot[0])
+        learnables = {k: as_tensor(v, self.device) for k, v in snap["learnables"].items()}
         hard = as_tensor(snap["hard_labels"], self.device)
-        g = meta_gradient(images, hard, soft, self.real_x, self.real_y, self.factory, self.cfg.ratbptt,
-                          self.cfg.augment, task_seed(self.cfg.seed, step, slot))
+        g = self.method.gradient(self.context, learnables, hard, step, slot, snap["slot_states"].get(slot))
         return {
             "step": step,
             "slot": slot,
             "version": snap["version"],
-            "images": g.images.detach().cpu().numpy(),
-            "labels": None if g.labels is None else g.labels.detach().cpu().numpy(),
-            "meta_loss": g.meta_loss,
-            "start": g.start,
-            "window": g.window,
-            "seconds": g.seconds,
+            "grads": {k: t.detach().cpu().numpy() for k, t in g.grads.items()},
+            "loss": g.loss,
+            "stats": g.stats,
+            "slot_state": g.slot_state,
+            "seconds": time.perf_counter() - began,
         }
 
     def where(self) -> dict:
+        if not ray.is_initialized():
+            return {"node_id": "local", "device": str(self.device), "gpu_ids": []}
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device),
                 "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-
-
-def validate_snapshot(cfg_dict: dict, snapshot: dict) -> float:
-    """Validation accuracy of a snapshot (a Ray task: it runs beside distillation, never in its way)."""
-    from raydistill.distributed.local import SyntheticSet, validation_accuracy
-
-    cfg = config_from_dict(cfg_dict)
-    set_threads(cfg.ray.worker_threads)
-    dataset = load_dataset(cfg.data)
-    syn = SyntheticSet(torch.tensor(snapshot["images"]), torch.tensor(snapshot["hard_labels"]),
-                       None if snapshot["soft_labels"] is None else torch.tensor(snapshot["soft_labels"]))
-    return validation_accuracy(syn, dataset, cfg, torch.device("cpu"))

@@ -40,11 +40,6 @@ ZCA_FILE = "zca.npz"
 EVAL_FILE = "eval.json"
 BUDGETS_FILE = "eval_budgets.json"  # Boost-DD: accuracy per nested budget
 METRICS_FILE = "metrics.jsonl"
-# The metadata keys the rest of raydistill writes and `summarise` reads; any other JSON-able keys are kept as-is.
-METADATA_KEYS = (
-    "dataset", "class_names", "num_classes", "ipc", "image_shape", "normalisation", "zca", "eval_recipe",
-    "config", "code_version",
-)  # fmt: skip
 
 
 class ArtifactError(ValueError):
@@ -60,7 +55,7 @@ class DistilledSet:
 
     images: float32 (n, C, H, W); labels: int64 (n,) hard labels; soft_labels: float32 (n, classes) or None when
     labels were not learned; blocks: int32 (n,) Boost-DD block per image (None: all 0); metadata: JSON-able dict
-    (see METADATA_KEYS). Arrays are converted to tensors of those dtypes and detached; the device is kept.
+    (dataset, class_names, ipc, image_shape, normalisation, zca, config, ...). Arrays are converted to tensors of those dtypes and detached; the device is kept.
     """
 
     images: torch.Tensor
@@ -179,7 +174,7 @@ def _broken(path: Path, exc: BaseException) -> ArtifactError:
     )
 
 
-def _read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
+def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
     """Open and validate the schema and metadata without reading any data; returns (path, schema, metadata)."""
     path = _resolve(path)
     if not path.is_file():
@@ -230,14 +225,14 @@ def _read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
     return path, schema, meta
 
 
-def _read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     try:
         return pq.read_table(path, columns=columns, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise _broken(path, exc) from None
 
 
-def _column(path: Path, table: pa.Table, name: str, dtype: type) -> np.ndarray:
+def read_column(path: Path, table: pa.Table, name: str, dtype: type) -> np.ndarray:
     """One column as a writable numpy array; fixed-size lists come back (rows, size)."""
     col = table.column(name).combine_chunks()
     nested = pa.types.is_fixed_size_list(col.type)
@@ -256,13 +251,13 @@ def read_distilled(path: str | os.PathLike) -> DistilledSet:
 
     Raises ArtifactError for a missing, truncated, foreign, too-new or inconsistent file. Never unpickles.
     """
-    path, schema, meta = _read_header(path)
-    table = _read_table(path)
+    path, schema, meta = read_header(path)
+    table = read_table(path)
     n = table.num_rows
-    images = _column(path, table, "image", np.float32).reshape(n, *meta["image_shape"])
-    labels = _column(path, table, "label", np.int64)
-    blocks = _column(path, table, "block", np.int32)
-    soft = _column(path, table, "soft_label", np.float32) if "soft_label" in schema.names else None
+    images = read_column(path, table, "image", np.float32).reshape(n, *meta["image_shape"])
+    labels = read_column(path, table, "label", np.int64)
+    blocks = read_column(path, table, "block", np.int32)
+    soft = read_column(path, table, "soft_label", np.float32) if "soft_label" in schema.names else None
     soft_t = None if soft is None else torch.from_numpy(soft)
     try:
         return DistilledSet(torch.from_numpy(images), torch.from_numpy(labels), soft_t, torch.from_numpy(blocks), meta)
@@ -344,99 +339,3 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int, padding: i
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
-
-
-# ---------------------------------------------------------------------------------------------- raydistill show
-
-
-def _fmt(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def _accuracy(entry: dict) -> str:
-    return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.eval.evaluate)
-
-
-def _eval_lines(path: Path) -> list[str]:
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        baseline = report.get("baseline") or {}
-        lines = [f"eval ({report.get('split', '?')} split):"]
-        for arch, entry in report["results"].items():
-            line = f"  {arch}: {_accuracy(entry)}"
-            if arch in baseline:
-                line += f" (random real subset: {_accuracy(baseline[arch])})"
-            lines.append(line)
-        return lines
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return [f"eval:     {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval'"]
-
-
-def _budget_lines(path: Path) -> list[str]:
-    """One line per nested budget of a Boost-DD set: distilled prefix vs a random subset of the same size."""
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-        lines = ["budgets (test split, first k images per class by block):"]
-        for k, body in report["budgets"].items():
-            for arch, entry in body["results"].items():
-                lines.append(f"  IPC {k} {arch}: {_accuracy(entry)} (random real subset: "
-                             f"{_accuracy(body['baseline'][arch])})")
-        return lines
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        return [f"budgets:  {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval --budgets'"]
-
-
-def _last_metrics(path: Path) -> str | None:
-    # The last line can be half-written after a crash (append_jsonl is not atomic): use the last one that parses.
-    for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict):
-            return ", ".join(f"{key} {_fmt(value)}" for key, value in obj.items())
-    return None
-
-
-def summarise(run_dir: str | os.PathLike) -> str:
-    """The text `raydistill show RUN_DIR` prints: what was distilled, how, and how well it evaluated."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ArtifactError(f"{run}: no such run directory; check the path or run 'raydistill distill' first")
-    path, schema, meta = _read_header(run)
-    table = _read_table(path, columns=["block"])
-    n, classes = table.num_rows, meta.get("num_classes", "?")
-    ipc = meta.get("ipc", n // classes if isinstance(classes, int) and classes else "?")
-    lines = [
-        f"run:      {run}",
-        f"dataset:  {meta.get('dataset', 'unknown')} ({classes} classes)",
-        f"images:   {n} ({ipc} per class), shape {'x'.join(map(str, meta['image_shape']))}",
-        f"labels:   {'learned (soft)' if 'soft_label' in schema.names else 'hard'}",
-    ]
-    blocks, sizes = np.unique(_column(path, table, "block", np.int32), return_counts=True)
-    if len(blocks) == 1:
-        lines.append("blocks:   1 (plain run)")
-    else:
-        lines.append(f"blocks:   {len(blocks)} (images per block: {', '.join(map(str, sizes))})")
-    if "zca" in meta:
-        lines.append(f"zca:      {'yes' if meta['zca'] else 'no'}")
-    cfg = meta.get("config") if isinstance(meta.get("config"), dict) else {}
-    rat, metaopt = cfg.get("ratbptt") or {}, cfg.get("meta") or {}
-    parts = [f"{key} {rat[key]}" for key in ("unroll", "window") if key in rat]
-    if "window_mode" in rat:
-        parts.append(f"window_mode {rat['window_mode']}")
-    if "lr" in metaopt:
-        parts.append(f"meta lr {_fmt(metaopt['lr'])}")
-    if parts:
-        lines.append(f"config:   {', '.join(parts)}")
-    if "code_version" in meta:
-        lines.append(f"code:     raydistill {meta['code_version']}")
-    if (run / EVAL_FILE).is_file():
-        lines.extend(_eval_lines(run / EVAL_FILE))
-    if (run / BUDGETS_FILE).is_file():
-        lines.extend(_budget_lines(run / BUDGETS_FILE))
-    if (run / METRICS_FILE).is_file():
-        last = _last_metrics(run / METRICS_FILE)
-        if last is not None:
-            lines.append(f"last:     {last}")
-    return "\n".join(lines)

@@ -207,6 +207,14 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return arrays, meta
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The step a checkpoint file name stands for (`ckpt-00000040.rdck` -> 40)."""
+    match = _NAME_RE.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path}: not a checkpoint file name (ckpt-<step>{SUFFIX})")
+    return int(match[1])
+
+
 def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     """Checkpoint files in `folder`, newest (highest step) first; [] when the folder is missing.
 

@@ -22,12 +22,19 @@ from raydistill.io.artifact import (
     write_zca,
 )
 from raydistill.io.atomic import atomic_write_json, atomic_write_text
-from raydistill.config.core import ConfigError, DistillConfig, config_from_dict, config_to_dict, load_config
+from raydistill.config import ConfigError, DistillConfig
+from raydistill.config.loading import config_from_dict, config_to_dict, load_config
 from raydistill.data.registry import Dataset
 
 ARTIFACT, METRICS, EVAL = DISTILLED_FILE, METRICS_FILE, EVAL_FILE
 GRID = "grid.png"
 CONFIG = "config.yaml"
+CHECKPOINTS = "checkpoints"  # the parameter server's checkpoints, inside a run (or a Boost-DD stage) directory
+
+
+def stage_dir(run_dir: Path, index: int) -> Path:
+    """The run directory of Boost-DD stage `index` (0-based) inside the boosted run."""
+    return Path(run_dir) / f"stage-{index + 1}"
 
 
 def prepare(run_dir: str | Path) -> Path:
@@ -54,16 +61,21 @@ def write_config(run_dir: Path, cfg: DistillConfig) -> None:
 
 def save_distilled(
     run_dir: Path,
-    images: torch.Tensor,
+    learnables: dict[str, torch.Tensor],
     hard_labels: torch.Tensor,
-    soft_labels: torch.Tensor | None,
     blocks: torch.Tensor | None,
     dataset: Dataset,
     cfg: DistillConfig,
     extra: dict | None = None,
 ) -> DistilledSet:
-    """Write distilled.parquet (with its metadata), the ZCA transform if used, and a PNG grid of the images."""
-    images = images.detach().float().cpu()
+    """Write distilled.parquet (with its metadata), the ZCA transform if used, and a PNG grid of the images.
+
+    Images and soft labels are columns; any other learnable tensor of the method is kept by name, as nested lists,
+    under the metadata key "learned".
+    """
+    images = learnables["images"].detach().float().cpu()
+    soft_labels = learnables.get("soft_labels")
+    learned = {k: v.detach().cpu().tolist() for k, v in learnables.items() if k not in ("images", "soft_labels")}
     metadata = {
         "dataset": dataset.name,
         "class_names": list(dataset.class_names),
@@ -74,6 +86,8 @@ def save_distilled(
         "eval_recipe": config_to_dict(cfg.eval),
         "config": config_to_dict(cfg),
         "code_version": __version__,
+        "method": cfg.method,
+        **({"learned": learned} if learned else {}),
         **(extra or {}),
     }
     dset = DistilledSet(
@@ -129,6 +143,8 @@ def write_eval(run_dir: Path, report: dict) -> dict:
         if old.get("split") == report["split"] and old.get("ipc") == report["ipc"]:
             for key in ("results", "baseline"):
                 report[key] = {**old.get(key, {}), **report[key]}
+            for name, per_arch in (old.get("baselines") or {}).items():  # per baseline, then per architecture
+                report.setdefault("baselines", {})[name] = {**per_arch, **report["baselines"].get(name, {})}
     atomic_write_json(path, report)
     return report
 

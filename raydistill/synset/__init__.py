@@ -1,0 +1,1 @@
+"""The synthetic set: its learnable tensors, initialisation, the meta-update and Boost-DD's blocks."""

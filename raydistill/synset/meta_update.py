@@ -1,8 +1,8 @@
-"""The meta-update: Adam on the synthetic images (and learned labels), with adaptive gradient clipping.
+"""The meta-update: Adam on the synthetic set's learnable tensors, with adaptive gradient clipping.
 
-One object holds everything a parameter server must own and checkpoint: the synthetic set, the Adam moments, the
-EMA of past gradient norms and the step counter. Its state is a flat dict of tensors and numbers, so it can be saved
-without pickle.
+One object holds everything a parameter server must own and checkpoint: the learnable tensors by name (images,
+learned labels, whatever else a method learns), their Adam moments, the EMA of past gradient norms and the step
+counter. Its state is a flat dict of tensors and numbers, so it can be saved without pickle.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from raydistill.config.core import MetaOptConfig
+from raydistill.config import MetaOptConfig
+from raydistill.methods.base import Learnable
 
 
 @dataclass
@@ -41,33 +42,27 @@ def adam_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float, gr
 
 
 class MetaOptimizer:
-    """Owns the synthetic set and applies averaged meta-gradients to it."""
+    """Owns the learnable tensors of the synthetic set and applies averaged meta-gradients to them."""
 
-    def __init__(self, images: Tensor, soft_labels: Tensor | None, cfg: MetaOptConfig,
+    def __init__(self, tensors: dict[str, Tensor], specs: dict[str, Learnable], cfg: MetaOptConfig,
                  example_lr_scale: Tensor | None = None):
-        """`example_lr_scale` (n,) multiplies the meta lr of each synthetic example (and its label); None: all 1."""
-        self.cfg = cfg
-        self.example_lr_scale = None if example_lr_scale is None else example_lr_scale.to(images.device, images.dtype)
-        self.images = images.detach().clone()
-        self.soft_labels = None if soft_labels is None else soft_labels.detach().clone()
-        self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self._tensors().items()}
+        """`example_lr_scale` (n,) multiplies the meta lr of each synthetic example in every per-example tensor
+        (Boost-DD); None: all 1."""
+        if set(tensors) != set(specs):
+            raise ValueError(f"MetaOptimizer: tensors {sorted(tensors)} do not match learnables {sorted(specs)}")
+        self.cfg, self.specs = cfg, dict(specs)
+        self.tensors = {name: t.detach().clone() for name, t in tensors.items()}
+        like = next(iter(self.tensors.values()))
+        self.example_lr_scale = None if example_lr_scale is None else example_lr_scale.to(like.device, like.dtype)
+        self.moments = {name: (torch.zeros_like(t), torch.zeros_like(t)) for name, t in self.tensors.items()}
         self.grad_norm_ema: float | None = None
         self.updates = 0  # applied updates (Adam's t)
         self.skipped = 0  # non-finite gradients dropped
 
-    def _tensors(self) -> dict[str, Tensor]:
-        out = {"images": self.images}
-        if self.soft_labels is not None:
-            out["soft_labels"] = self.soft_labels
-        return out
-
-    def step(self, grad_images: Tensor, grad_labels: Tensor | None = None) -> UpdateReport:
+    def step(self, grads: dict[str, Tensor]) -> UpdateReport:
         """Clip, then one Adam step; a non-finite gradient is dropped and changes nothing."""
-        grads = {"images": grad_images}
-        if self.soft_labels is not None:
-            if grad_labels is None:
-                raise ValueError("learned labels need a label gradient")
-            grads["soft_labels"] = grad_labels
+        if set(grads) != set(self.tensors):
+            raise ValueError(f"MetaOptimizer.step: gradients for {sorted(grads)}, learnables are {sorted(self.tensors)}")
         norm = math.sqrt(sum(float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2 for g in grads.values()))
         if not math.isfinite(norm):
             self.skipped += 1
@@ -81,17 +76,18 @@ class MetaOptimizer:
         self.grad_norm_ema = clipped_norm if self.grad_norm_ema is None else d * self.grad_norm_ema + (1 - d) * clipped_norm
 
         self.updates += 1
-        for name, tensor in self._tensors().items():
-            lr = self.cfg.lr * (self.cfg.label_lr_scale if name == "soft_labels" else 1.0)
-            adam_step_(tensor, grads[name].to(tensor.dtype), *self.moments[name], self.updates, lr, scale,
-                       self.example_lr_scale)
-        if self.soft_labels is not None:
-            self.soft_labels.clamp_(min=0)
+        for name, tensor in self.tensors.items():
+            spec = self.specs[name]
+            row_lr = self.example_lr_scale if spec.per_example else None
+            adam_step_(tensor, grads[name].to(tensor.dtype), *self.moments[name], self.updates,
+                       self.cfg.lr * spec.lr_scale, scale, row_lr)
+            if spec.clamp_min is not None:
+                tensor.clamp_(min=spec.clamp_min)
         return UpdateReport(True, norm, clip)
 
     def state_dict(self) -> dict:
         state: dict = {"updates": self.updates, "skipped": self.skipped, "grad_norm_ema": self.grad_norm_ema}
-        for name, tensor in self._tensors().items():
+        for name, tensor in self.tensors.items():
             m, v = self.moments[name]
             state[name], state[f"{name}.m"], state[f"{name}.v"] = tensor.clone(), m.clone(), v.clone()
         return state
@@ -99,6 +95,6 @@ class MetaOptimizer:
     def load_state_dict(self, state: dict) -> None:
         self.updates, self.skipped = int(state["updates"]), int(state["skipped"])
         self.grad_norm_ema = None if state["grad_norm_ema"] is None else float(state["grad_norm_ema"])
-        for name, tensor in self._tensors().items():
+        for name, tensor in self.tensors.items():
             tensor.copy_(state[name])
             self.moments[name] = (state[f"{name}.m"].clone(), state[f"{name}.v"].clone())

@@ -13,15 +13,16 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
 from raydistill.data.augment import augment
-from raydistill.config.core import AugmentConfig, RatBpttConfig
+from raydistill.config.schema import AugmentConfig
+from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import make_inner_optimizer
+from raydistill.models.losses import soft_cross_entropy
 
 ModelFactory = Callable[[], nn.Module]
 
@@ -34,11 +35,6 @@ class MetaGradient:
     start: int  # window start s
     window: int  # window length W
     seconds: float
-
-
-def task_seed(run_seed: int, step: int, slot: int) -> int:
-    """The seed of one meta-gradient task: a pure function of (run seed, meta-step, worker slot)."""
-    return int(np.random.SeedSequence([run_seed, step, slot]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def plan_window(cfg: RatBpttConfig, rng: torch.Generator) -> tuple[int, int]:
@@ -56,13 +52,6 @@ def plan_window(cfg: RatBpttConfig, rng: torch.Generator) -> tuple[int, int]:
     if mode == "random_length":
         return 0, int(torch.randint(W, T + 1, (1,), generator=rng))
     raise ValueError(f"unknown window mode {mode!r}")
-
-
-def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Cross-entropy against soft targets (learned labels), or hard labels when `targets` is 1-d."""
-    if targets.dim() == 1:
-        return F.cross_entropy(logits, targets)
-    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
 def class_indices(hard_labels: Tensor, num_classes: int) -> list[Tensor]:

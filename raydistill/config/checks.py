@@ -1,0 +1,89 @@
+"""Building a config section from plain data and the checks every section's validator uses.
+
+Shared by the method-neutral config and by each method's own section, so every field error reads the same way:
+one line naming the field, the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Iterable
+from typing import Any
+
+from raydistill.config.errors import ConfigError
+
+
+def build_section(cls: type, raw: Any, prefix: str) -> Any:
+    """An instance of dataclass `cls` from a mapping; unknown keys and wrongly typed values are ConfigErrors."""
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__} {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"{prefix}{key}: unknown field; valid fields here: {', '.join(sorted(names))}")
+    kwargs = {key: _coerce(hints[key], value, f"{prefix}{key}") for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return build_section(tp, value, name + ".")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, name)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str):  # --set eval.archs=convnet,vgg11
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{name}: expected a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def choice(value: str, options: Iterable[str], name: str) -> None:
+    options = list(options)
+    if value not in options:
+        raise ConfigError(f"{name}: unknown value {value!r}; choose one of {', '.join(options)}")
+
+
+def positive(value: float, name: str) -> None:
+    """> 0 and finite: NaN compares False with everything, so `value <= 0` alone would let it through."""
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}: must be a finite number > 0, got {value}")
+
+
+def at_least(value: float, low: float, name: str) -> None:
+    if not math.isfinite(value) or value < low:
+        raise ConfigError(f"{name}: must be a finite number >= {low:g}, got {value}")
+
+
+def in_range(value: float, low: float, high: float, name: str, high_open: bool = True, why: str = "") -> None:
+    ok = math.isfinite(value) and low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{name}: must be in [{low:g}, {high:g}{bracket}{why}, got {value}")

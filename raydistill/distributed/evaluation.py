@@ -1,0 +1,70 @@
+"""The final evaluation on Ray: every network of the report is one task (set, network, architecture).
+
+The plan, the training sets and the assembly are those of `raydistill.eval.report`, and each network is the same pure
+function of its seed, so on CPU this report equals `evaluation_report`'s exactly, provided the in-process run uses
+the same torch thread count as the tasks (`cfg.ray.worker_threads`; CPU kernels reduce in a thread-dependent order)
+and the same kind of CPU.
+
+Data moves once: the driver selects the baselines (a random subset is an index draw; a coreset needs the training
+split, which the driver already holds), then puts the evaluation split and each distinct training set into the
+object store a single time; tasks receive references and never read the data set from disk.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from raydistill.config import DistillConfig
+from raydistill.data.registry import Dataset
+from raydistill.distributed.worker import as_tensor, worker_device
+from raydistill.eval.report import Network, assemble, plan_networks, training_sets
+from raydistill.eval.train import Progress, network_accuracy, split_of
+from raydistill.runtime import set_threads
+
+
+def train_one(train: tuple[np.ndarray, np.ndarray], evaluation: tuple[np.ndarray, np.ndarray], net: Network,
+              cfg: DistillConfig, num_classes: int) -> float:
+    """One network of the report (a Ray task; pure, so Ray may retry it): its accuracy on the evaluation split."""
+    set_threads(cfg.ray.worker_threads)
+    device = worker_device()
+    x, targets = (as_tensor(a, device) for a in train)
+    eval_x, eval_y = (as_tensor(a, device) for a in evaluation)
+    return network_accuracy(x, targets, eval_x, eval_y, net.arch, cfg, num_classes, net.seed, cfg.eval.steps,
+                            net.augmented, device)
+
+
+def evaluation_report_on_ray(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    ipc: int,
+    dataset: Dataset,
+    cfg: DistillConfig,
+    archs: list[str] | None = None,
+    num_models: int | None = None,
+    split: str = "test",
+    tick: Progress | None = None,
+    *,
+    device: torch.device = torch.device("cpu"),
+    options: dict | None = None,
+) -> dict:
+    """`evaluation_report` with its networks trained as Ray tasks (Ray must be initialised); the same dict.
+
+    `device` is where the driver selects coresets. `options` are the tasks' Ray options; the default takes
+    `cfg.ray.worker_threads` CPUs per task (at least 1); on a GPU cluster pass e.g. {"num_gpus": 0.25} to share GPUs.
+    `tick` is called as each network finishes, in completion order.
+    """
+    archs = archs or cfg.eval.archs
+    plan = plan_networks(cfg, archs, num_models or cfg.eval.num_models)
+    sets = training_sets(plan, x, targets, ipc, dataset, cfg, device)
+    evaluation = ray.put(tuple(t.cpu().numpy() for t in split_of(dataset, split)))
+    set_refs = {key: ray.put((a.cpu().numpy(), b.cpu().numpy())) for key, (a, b) in sets.items()}
+    task = ray.remote(train_one).options(**(options or {"num_cpus": max(1, cfg.ray.worker_threads), "max_retries": 3}))
+    refs = [task.remote(set_refs[net.data], evaluation, net, cfg, dataset.num_classes) for net in plan]
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=1)
+        if tick:
+            tick()
+    return assemble(plan, ray.get(refs), ipc, cfg, split)

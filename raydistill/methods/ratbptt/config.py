@@ -1,0 +1,66 @@
+"""RaT-BPTT's config section (`ratbptt:`) and its checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raydistill.config.checks import choice, in_range, positive
+from raydistill.config.errors import ConfigError
+
+WINDOW_MODES = ("random", "end", "fixed", "full", "random_length")
+INNER_OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass
+class RatBpttConfig:
+    unroll: int = 200  # T: inner steps from a fresh init to the meta-loss
+    window: int = 60  # W: the last steps of a sampled window are back-propagated through
+    window_mode: str = "random"
+    fixed_start: int = 0  # the window start for window_mode=fixed
+    inner_optimizer: str = "adam"
+    inner_lr: float = 1e-3
+    inner_momentum: float = 0.9  # sgd only
+    batch_per_class: int | None = None  # None: every synthetic image of a chosen class
+    classes_per_step: int | None = None  # None: every class
+    real_batch: int = 256
+
+
+def validate_section(r: RatBpttConfig) -> None:
+    positive(r.unroll, "ratbptt.unroll")
+    positive(r.window, "ratbptt.window")
+    choice(r.window_mode, WINDOW_MODES, "ratbptt.window_mode")
+    choice(r.inner_optimizer, INNER_OPTIMIZERS, "ratbptt.inner_optimizer")
+    if r.window > r.unroll:
+        raise ConfigError(
+            f"ratbptt.window: window {r.window} > unroll {r.unroll}; set window <= unroll "
+            "(the window is the back-propagated tail of the unroll)"
+        )
+    if r.window_mode == "fixed":
+        if r.fixed_start < 0:
+            raise ConfigError(f"ratbptt.fixed_start: must be >= 0, got {r.fixed_start}")
+        if r.fixed_start + r.window > r.unroll:
+            raise ConfigError(
+                f"ratbptt.fixed_start: fixed_start {r.fixed_start} + window {r.window} > unroll {r.unroll}; "
+                f"set fixed_start <= {r.unroll - r.window}"
+            )
+    positive(r.inner_lr, "ratbptt.inner_lr")
+    in_range(r.inner_momentum, 0, 1, "ratbptt.inner_momentum")
+    if r.batch_per_class is not None:
+        positive(r.batch_per_class, "ratbptt.batch_per_class")
+    if r.classes_per_step is not None:
+        positive(r.classes_per_step, "ratbptt.classes_per_step")
+    positive(r.real_batch, "ratbptt.real_batch")
+
+
+def validate_against_data(r: RatBpttConfig, ipc: int, num_train: int, num_classes: int) -> None:
+    if r.real_batch > num_train:
+        raise ConfigError(
+            f"ratbptt.real_batch: {r.real_batch} is larger than the training split ({num_train} images); "
+            f"set ratbptt.real_batch <= {num_train}"
+        )
+    if r.classes_per_step is not None and r.classes_per_step > num_classes:
+        raise ConfigError(
+            f"ratbptt.classes_per_step: {r.classes_per_step} > {num_classes} classes; set it <= {num_classes}"
+        )
+    if r.batch_per_class is not None and r.batch_per_class > ipc:
+        raise ConfigError(f"ratbptt.batch_per_class: {r.batch_per_class} > ipc {ipc}; set it <= {ipc}")

@@ -1,0 +1,53 @@
+"""RaT-BPTT as a Method: the registry entry that connects the meta-gradient to the engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from torch import Tensor
+
+from raydistill.config.schema import DistillConfig
+from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, task_seed
+from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
+from raydistill.methods.ratbptt.meta_gradient import ModelFactory, meta_gradient
+
+
+@dataclass
+class RatBpttContext:
+    cfg: DistillConfig
+    real_x: Tensor
+    real_y: Tensor
+    model_factory: ModelFactory
+
+
+class RatBptt(Method):
+    """Random truncated back-propagation through time (Feng, Vedantam & Kempe, ICLR 2024)."""
+
+    name = "ratbptt"
+    config_cls = RatBpttConfig
+
+    def validate(self, section: RatBpttConfig, cfg: DistillConfig) -> None:
+        validate_section(section)
+
+    def validate_against_data(self, section: RatBpttConfig, cfg: DistillConfig, num_train: int,
+                              num_classes: int) -> None:
+        validate_against_data(section, cfg.ipc, num_train, num_classes)
+
+    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> RatBpttContext:
+        return RatBpttContext(cfg, resources["train_x"], resources["train_y"], resources["model_factory"])
+
+    def gradient(self, context: RatBpttContext, learnables: dict[str, Tensor], hard_labels: Tensor, step: int,
+                 slot: int, slot_state: dict[str, np.ndarray] | None) -> Gradient:
+        cfg = context.cfg
+        soft = learnables.get(SOFT_LABELS)
+        g = meta_gradient(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y,
+                          context.model_factory, cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
+        grads = {IMAGES: g.images}
+        if soft is not None:
+            grads[SOFT_LABELS] = g.labels
+        return Gradient(grads, g.meta_loss, {"start": g.start, "window": g.window})
+
+    def describe(self, r: RatBpttConfig) -> str:
+        return f"ratbptt T={r.unroll} W={r.window} {r.window_mode}"

@@ -1,0 +1,237 @@
+"""Honest evaluation: fresh random subsets, baselines at their better recipe, coresets, and Ray = in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import needs_fashion
+from raydistill.config.loading import config_to_dict, load_config
+from raydistill.data.registry import load_dataset
+from raydistill.distributed.evaluation import evaluation_report_on_ray
+from raydistill.distributed.validator import Validator, validator_options
+from raydistill.eval.baselines import coreset, herding_indices, kcenter_indices, random_real_subset
+from raydistill.eval.report import (
+    assemble,
+    evaluation_report,
+    format_report,
+    network_count,
+    plan_networks,
+    training_sets,
+)
+from raydistill.eval.validation import validation_accuracy
+
+CPU = torch.device("cpu")
+TINY = ["eval.steps=5", "eval.num_models=2", "model.width=8", "data.val_size=100", "eval.val_steps=5",
+        "ray.worker_threads=1"]
+
+
+def tiny(*overrides: str):
+    return load_config("quickstart", [*TINY, *overrides])
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    """Fashion-MNIST with its training and test splits cut short, so every network and coreset is quick."""
+    full = load_dataset(tiny().data)
+    return dataclasses.replace(full, train_x=full.train_x[:3000], train_y=full.train_y[:3000],
+                               test_x=full.test_x[:500], test_y=full.test_y[:500])
+
+
+@pytest.fixture
+def one_thread():
+    """Numbers on CPU depend on the torch thread count: compare runs at the count the Ray tasks use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def distilled(dataset, ipc=1):
+    """A stand-in for a distilled set: any images of the right shape do."""
+    return random_real_subset(dataset, ipc, seed=999)
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+def test_every_network_is_planned_once_and_paired_across_sets():
+    cfg = tiny("eval.baselines=[random,kcenter]")
+    plan = plan_networks(cfg, ["convnet", "alexnet"], 3)
+    # per arch: 3 distilled + 2 baselines x 2 variants x 3
+    assert len(plan) == network_count(cfg, ["convnet", "alexnet"], 3) == 2 * (3 + 2 * 2 * 3)
+    assert len(set(plan)) == len(plan)
+    # network i has the same seed in every set and variant: the comparison is paired
+    assert {(n.index, n.seed) for n in plan} == {(i, cfg.seed + 20_000 + i) for i in range(3)}
+
+
+def test_without_augmentation_baselines_train_one_plain_variant():
+    plan = plan_networks(tiny("augment.strategies=[]"), ["convnet"], 2)
+    assert {n.augmented for n in plan if n.set == "random"} == {False}
+
+
+@needs_fashion
+def test_random_baseline_draws_a_fresh_subset_for_every_network(fashion):
+    cfg = tiny()
+    x, y = distilled(fashion)
+    plan = plan_networks(cfg, ["convnet", "vgg11"], 3)
+    sets = training_sets(plan, x, y, 2, fashion, cfg, CPU)
+    subsets = [sets[f"random/{i}"] for i in range(3)]
+    for a, b in [(0, 1), (0, 2), (1, 2)]:
+        assert not torch.equal(subsets[a][0], subsets[b][0])
+    for images, labels in subsets:  # each is a same-size, class-major real subset
+        assert images.shape == (20, 1, 28, 28) and labels.tolist() == [c for c in range(10) for _ in range(2)]
+    # one subset per network index, shared by architectures and variants (paired), and nothing else
+    assert sorted(k for k in sets if k.startswith("random/")) == ["random/0", "random/1", "random/2"]
+
+
+@needs_fashion
+def test_the_same_seed_gives_the_same_report(fashion):
+    cfg = tiny()
+    x, y = distilled(fashion)
+    a = evaluation_report(x, y, 1, fashion, cfg, CPU)
+    assert a == evaluation_report(x, y, 1, fashion, cfg, CPU)
+    assert a != evaluation_report(x, y, 1, fashion, tiny("seed=1"), CPU)
+
+
+# ---------------------------------------------------------------------------------------------- better of two recipes
+
+
+def hand_made_report(cfg, random_aug, random_plain):
+    """The report `assemble` builds from given accuracies (distilled: 50 %), no training involved."""
+    plan = plan_networks(cfg, ["convnet"], 2)
+    given = {("distilled", True): [50.0, 50.0], ("random", True): random_aug, ("random", False): random_plain}
+    accs = [given[n.set, n.augmented][n.index] for n in plan]
+    return assemble(plan, accs, 1, cfg, "test")
+
+
+def test_a_baseline_reports_its_better_variant_and_keeps_both():
+    report = hand_made_report(tiny(), random_aug=[40.0, 42.0], random_plain=[45.0, 49.0])
+    entry = report["baselines"]["random"]["convnet"]
+    assert entry["augmented"]["accs"] == [40.0, 42.0] and entry["plain"]["accs"] == [45.0, 49.0]
+    assert entry["best"] == "plain" and entry["mean"] == 47.0 and entry["std"] == 2.0 and entry["accs"] == [45, 49]
+    assert report["baseline"]["convnet"] == entry  # the key older readers use holds the random baseline's best
+    assert report["results"]["convnet"] == {"mean": 50.0, "std": 0.0, "accs": [50.0, 50.0]}
+    text = format_report(report)
+    assert "random real subset" in text and "47.00 +- 2.00 % (plain)" in text and "gain +3.00 points" in text
+
+
+def test_augmentation_wins_when_it_is_better_and_on_ties():
+    better = hand_made_report(tiny(), random_aug=[46.0, 48.0], random_plain=[45.0, 47.0])
+    assert better["baselines"]["random"]["convnet"]["best"] == "augmented"
+    tie = hand_made_report(tiny(), random_aug=[45.0, 47.0], random_plain=[47.0, 45.0])
+    assert tie["baselines"]["random"]["convnet"]["best"] == "augmented"  # the distilled set's own recipe
+
+
+@needs_fashion
+def test_a_trained_report_holds_both_variants_of_every_baseline(fashion):
+    cfg = tiny("eval.baselines=[random,herding]")
+    x, y = distilled(fashion)
+    ticks = []
+    report = evaluation_report(x, y, 1, fashion, cfg, CPU, tick=lambda: ticks.append(1))
+    assert len(ticks) == network_count(cfg, ["convnet"], 2) == 2 + 2 * 2 * 2
+    assert set(report["baselines"]) == {"random", "herding"}
+    for entry in (report["baselines"][name]["convnet"] for name in ("random", "herding")):
+        means = {v: entry[v]["mean"] for v in ("augmented", "plain")}
+        assert entry["mean"] == max(means.values()) == means[entry["best"]]
+        assert len(entry["accs"]) == 2 and all(0 <= a <= 100 for a in entry["accs"])
+    assert "herding coreset" in format_report(report)
+
+
+# ---------------------------------------------------------------------------------------------- coresets
+
+
+def greedy_mean_matching(points: list[list[float]], k: int) -> list[int]:
+    """Herding written out by hand: add the point that brings the running mean closest to the mean of all."""
+    dim = len(points[0])
+    mean = [sum(p[d] for p in points) / len(points) for d in range(dim)]
+    picks: list[int] = []
+    for step in range(1, k + 1):
+        def gap(i):
+            return sum((mean[d] - (sum(points[j][d] for j in picks) + points[i][d]) / step) ** 2 for d in range(dim))
+        picks.append(min((i for i in range(len(points)) if i not in picks), key=gap))
+    return picks
+
+
+def test_herding_picks_what_greedy_mean_matching_picks():
+    features = torch.randn(30, 4, generator=torch.Generator().manual_seed(0))
+    picks = herding_indices(features, 6)
+    assert picks.tolist() == greedy_mean_matching(features.tolist(), 6)
+    assert len(set(picks.tolist())) == 6
+
+
+def test_herding_on_a_line():
+    # mean 3.2: first 3.0 (index 3); then (3 + f) / 2 closest to 3.2 wants f = 3.4: 2.0 (index 2)
+    assert herding_indices(torch.tensor([[0.0], [1.0], [2.0], [3.0], [10.0]]), 2).tolist() == [3, 2]
+
+
+def test_kcenter_starts_near_the_mean_then_takes_the_farthest_points():
+    # mean 1.6: start at 2 (index 2); farthest from {2} is 10; then -5 (7 away from 2) beats 0 (2 away)
+    points = torch.tensor([[0.0], [1.0], [2.0], [10.0], [-5.0]])
+    assert kcenter_indices(points, 3).tolist() == [2, 3, 4]
+    assert sorted(kcenter_indices(points, 5).tolist()) == [0, 1, 2, 3, 4]  # never a duplicate
+
+
+@needs_fashion
+@pytest.mark.parametrize("name", ["herding", "kcenter"])
+def test_a_coreset_is_ipc_distinct_images_per_class_and_deterministic(fashion, name):
+    cfg = tiny()
+    x, y = coreset(name, fashion, 3, cfg, "convnet", seed=5, device=CPU)
+    assert y.tolist() == [c for c in range(10) for _ in range(3)]
+    assert len({tuple(img.flatten()[::7].tolist()) for img in x}) == 30
+    again, _ = coreset(name, fashion, 3, cfg, "convnet", seed=5, device=CPU)
+    assert torch.equal(x, again)
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+@needs_fashion
+def test_the_ray_report_equals_the_in_process_report(ray_session, fashion, one_thread):
+    cfg = tiny("eval.baselines=[random,kcenter]")
+    x, y = distilled(fashion)
+    ticks = []
+    on_ray = evaluation_report_on_ray(x, y, 1, fashion, cfg, tick=lambda: ticks.append(1))
+    assert on_ray == evaluation_report(x, y, 1, fashion, cfg, CPU)
+    assert len(ticks) == network_count(cfg, cfg.eval.archs, 2)
+
+
+def snapshot_of(dataset, soft: bool) -> dict:
+    images, labels = random_real_subset(dataset, 1, seed=3)
+    soft_labels = torch.softmax(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)), 1) if soft else None
+    return {"images": images.numpy(), "hard_labels": labels.numpy(),
+            "soft_labels": None if soft_labels is None else soft_labels.numpy()}
+
+
+def expected_validation(snapshot, dataset, cfg) -> float:
+    """In-process validation on the whole data set (the validator keeps only the val split)."""
+    images, hard, soft = (None if snapshot[k] is None else torch.tensor(snapshot[k])
+                          for k in ("images", "hard_labels", "soft_labels"))
+    return validation_accuracy(images, hard, soft, dataset, cfg, CPU)
+
+
+@needs_fashion
+@pytest.mark.parametrize("soft", [False, True])
+def test_the_validator_returns_validation_accuracy(fashion, one_thread, soft):
+    cfg = tiny()
+    snapshot = snapshot_of(fashion, soft)
+    assert Validator(config_to_dict(cfg)).validate(snapshot) == expected_validation(snapshot, fashion, cfg)
+
+
+@needs_fashion
+def test_the_validator_actor_returns_validation_accuracy(ray_session, fashion, one_thread):
+    cfg = tiny()
+    snapshot = snapshot_of(fashion, soft=True)
+    actor = ray_session.remote(Validator).options(**validator_options(has_gpus=False)).remote(config_to_dict(cfg))
+    first = ray_session.get(actor.validate.remote(snapshot))
+    assert first == expected_validation(snapshot, fashion, cfg)
+    assert ray_session.get(actor.validate.remote(ray_session.put(snapshot))) == first  # as the driver passes it
+    ray_session.kill(actor)
+
+
+def test_validator_options_share_a_gpu_and_never_take_a_cpu():
+    on_gpus, on_cpus = validator_options(has_gpus=True), validator_options(has_gpus=False)
+    assert on_gpus["num_gpus"] == 0.25 and on_gpus["num_cpus"] == 0
+    assert "num_gpus" not in on_cpus and on_cpus["num_cpus"] == 0

@@ -1,0 +1,124 @@
+"""Tune's own search: the sweep's space as Tune domains, seeded searchers (basic and Optuna), an Optuna + ASHA sweep."""
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from ray.tune.experiment import Experiment
+from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
+
+from conftest import needs_fashion
+from raydistill.config.core import ConfigError
+from raydistill.tune import corners, load_sweep, make_searcher, run_sweep, search_space, trial_config
+from test_tune import REPO, write_sweep
+
+MIXED = {"ratbptt.window": {"grid": [1, 2]}, "meta.lr": {"loguniform": [1e-4, 1e-1]},
+         "ratbptt.inner_lr": {"uniform": [0.001, 0.01]}, "ratbptt.unroll": {"randint": [4, 9]},
+         "init.mode": {"choice": ["real", "noise"]}}
+RANDOM = {key: space for key, space in MIXED.items() if "grid" not in space}
+# The brief's tiny run: a few seconds per trial on one core.
+TINIER = {"steps": 6, "ipc": 1, "model.width": 8, "ratbptt.unroll": 4, "ratbptt.window": 2, "ratbptt.real_batch": 64,
+          "eval.every": 3, "eval.val_models": 1, "eval.val_steps": 5, "data.val_size": 200, "ray.checkpoint_every": 3,
+          "ray.workers": 1, "ray.cpus_per_worker": 1, "ray.worker_threads": 1, "threads": 1}
+
+
+def basic_samples(sweep, folder: Path) -> list[dict]:
+    """What the basic searcher proposes for `sweep`, in order, without running anything (Tune's files in folder)."""
+    searcher = make_searcher(dataclasses.replace(sweep, max_concurrent_trials=None))  # all at once: none run
+    searcher.add_configurations([Experiment(sweep.name, run=lambda config: None, config=search_space(sweep),
+                                            num_samples=sweep.num_samples, storage_path=str(folder))])
+    samples = []
+    while (trial := searcher.next_trial()) is not None:
+        samples.append(trial.config)
+    return samples
+
+
+def optuna_samples(sweep, count: int) -> list[dict]:
+    """The optuna searcher's first `count` proposals, with no scores told."""
+    searcher = make_searcher(dataclasses.replace(sweep, max_concurrent_trials=None))
+    assert searcher.set_search_properties(None, None, search_space(sweep))
+    return [searcher.suggest(f"trial-{i}") for i in range(count)]
+
+
+def test_each_kind_of_the_sweep_file_becomes_the_matching_tune_domain(tmp_path):
+    space = search_space(load_sweep(write_sweep(tmp_path, search=MIXED)))
+    assert space["ratbptt.window"] == {"grid_search": [1, 2]}
+    lr, inner, unroll, init = space["meta.lr"], space["ratbptt.inner_lr"], space["ratbptt.unroll"], space["init.mode"]
+    assert isinstance(lr, Float) and isinstance(lr.get_sampler(), LogUniform) and (lr.lower, lr.upper) == (1e-4, 1e-1)
+    assert isinstance(inner, Float) and isinstance(inner.get_sampler(), Uniform) and inner.upper == 0.01
+    assert isinstance(unroll, Integer) and (unroll.lower, unroll.upper) == (4, 9)  # high exclusive, as in the file
+    assert isinstance(init, Categorical) and init.categories == ["real", "noise"]
+
+
+def test_the_basic_search_covers_the_grid_and_draws_the_rest_reproducibly(tmp_path):
+    path = write_sweep(tmp_path, num_samples=3, seed=7, search=MIXED)
+    samples = basic_samples(load_sweep(path), tmp_path)
+    assert len(samples) == 6 and sorted(s["ratbptt.window"] for s in samples) == [1, 1, 1, 2, 2, 2]
+    assert samples == basic_samples(load_sweep(path), tmp_path)  # the seed fixes every draw
+    assert samples != basic_samples(load_sweep(write_sweep(tmp_path, num_samples=3, seed=8, search=MIXED)), tmp_path)
+    assert all(1e-4 <= s["meta.lr"] <= 1e-1 and 0.001 <= s["ratbptt.inner_lr"] <= 0.01 for s in samples)
+    assert all(4 <= s["ratbptt.unroll"] < 9 and s["init.mode"] in ("real", "noise") for s in samples)
+    assert len({s["meta.lr"] for s in samples}) == 6
+
+
+def test_the_optuna_search_is_seeded_by_the_sweep(tmp_path):
+    path = write_sweep(tmp_path, searcher={"name": "optuna"}, num_samples=5, seed=3, search=RANDOM)
+    samples = optuna_samples(load_sweep(path), 5)
+    assert samples == optuna_samples(load_sweep(path), 5)
+    other = load_sweep(write_sweep(tmp_path, name="other", searcher="optuna", num_samples=5, seed=4, search=RANDOM))
+    assert samples != optuna_samples(other, 5)
+    assert all(set(s) == set(RANDOM) and 4 <= s["ratbptt.unroll"] < 9 for s in samples)
+
+
+def test_optuna_learns_a_boosting_trials_final_score_and_ignores_its_partial_reports(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, searcher="optuna", metric="val_acc_mean", boost={"block": 1, "blocks": 2},
+                                   search={"boost.beta": {"uniform": [0.0, 0.5]}}))
+    searcher = make_searcher(dataclasses.replace(sweep, max_concurrent_trials=None))
+    assert searcher.metric is None  # Tune must not demand val_acc_mean in every report
+    searcher.set_search_properties(None, None, search_space(sweep))
+    searcher.suggest("a")
+    searcher.on_trial_result("a", {"val_acc": 40.0, "step": 2})  # no val_acc_mean yet: nothing to learn
+    searcher.on_trial_complete("a", {"val_acc": 41.0, "val_acc_mean": 42.5, "step": 8})
+    (told,) = searcher.searcher._ot_study.trials
+    assert told.value == 42.5 and told.intermediate_values == {}
+
+
+def test_the_corners_hold_the_largest_valid_sample(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, search={"ray.workers": {"randint": [1, 4]},
+                                                     "ratbptt.window": {"grid": [2, 8]}, "steps": {"choice": [6, 9]}}))
+    found = corners(sweep)
+    assert all(params["ratbptt.window"] == 2 for params, _ in found)  # window 8 > unroll 4: never a corner
+    assert max(cfg.ray.workers for _, cfg in found) == 3 and max(cfg.steps for _, cfg in found) == 9
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "tune_configs").glob("*.yaml")))
+def test_every_shipped_sweep_builds_only_valid_trials_or_says_why(name, tmp_path):
+    sweep = load_sweep(REPO / "tune_configs" / name)
+    built, reasons = 0, []
+    for params in basic_samples(sweep, tmp_path):
+        try:
+            trial_config(sweep, params, check_paths=False)
+            built += 1
+        except ConfigError as exc:
+            reasons.append(str(exc))
+    assert built >= 6
+    assert all(r.startswith("ratbptt.window: window") for r in reasons)  # only W > T is ever rejected
+
+
+@pytest.mark.slow
+@needs_fashion
+def test_an_optuna_sweep_with_asha_runs_end_to_end(ray_session, tmp_path):
+    path = write_sweep(tmp_path, name="optuna", set=TINIER, searcher={"name": "optuna"}, num_samples=3, seed=1,
+                       search={"meta.lr": {"loguniform": [1e-3, 1e-1]}, "init.mode": {"choice": ["real", "noise"]}},
+                       scheduler={"name": "asha", "grace_period": 3, "reduction_factor": 2})
+    sweep = load_sweep(path)
+    summary = run_sweep(path, verbose=0)
+    rows = summary["rows"]
+    assert sorted(r["trial"] for r in rows) == ["t000", "t001", "t002"]
+    assert {r["status"] for r in rows} <= {"done", "stopped"} and rows[0]["status"] == "done"
+    proposed = optuna_samples(sweep, 3)  # TPE's first proposals are its seeded random start-up draws
+    assert [{k: r[k] for k in proposed[0]} for r in sorted(rows, key=lambda r: r["trial"])] == proposed
+    best = yaml.safe_load(Path(summary["best_preset"]).read_text())
+    assert best["meta"]["lr"] == pytest.approx(rows[0]["meta.lr"]) and best["steps"] == 6
+    assert (Path(sweep.experiment_path()) / "sweep.yaml").read_text() == path.read_text()
