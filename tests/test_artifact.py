@@ -18,8 +18,7 @@ from PIL import Image
 
 from raydistill.io import artifact, atomic, summary
 from raydistill.io.artifact import ArtifactError, DistilledSet
-from raydistill.config import DistillConfig
-from raydistill.config.loading import config_to_dict
+from raydistill.config.loading import config_from_dict, config_to_dict
 
 
 def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True, blocks: bool = False) -> DistilledSet:
@@ -35,7 +34,7 @@ def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True,
         "normalisation": {"mean": [0.5] * shape[0], "std": [0.25] * shape[0]},
         "zca": False,
         "eval_recipe": "adam",
-        "config": config_to_dict(DistillConfig()),
+        "config": config_to_dict(config_from_dict({}, check_paths=False)),
         "code_version": "0.1.0",
     }
     return DistilledSet(
@@ -301,7 +300,7 @@ def test_summarise(tmp_path):
     assert "images:   12 (3 per class), shape 3x5x6" in text
     assert "labels:   learned (soft)" in text
     assert "blocks:   2 (images per block: 8, 4)" in text
-    assert "config:   unroll 200, window 60, window_mode random, meta lr 0.001" in text
+    assert "config:   method ratbptt, unroll 200, window 60, window_mode random," in text and "meta lr 0.001" in text
     assert "eval (test split):" in text
     assert "convnet: 71.2 +- 0.4 % (random real subset: 52.1 +- 1.3 %)" in text
     assert "last:     step 10, meta_loss 0.25" in text

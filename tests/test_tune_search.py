@@ -1,6 +1,7 @@
 """Tune's own search: the sweep's space as Tune domains, seeded searchers (basic and Optuna), an Optuna + ASHA sweep."""
 
 import dataclasses
+import pickle
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Unif
 
 from conftest import needs_fashion
 from raydistill.config.core import ConfigError
-from raydistill.tune import corners, load_sweep, make_searcher, run_sweep, search_space, trial_config
+from raydistill.tune import WORST_SCORE, corners, load_sweep, make_searcher, run_sweep, search_space, trial_config
 from test_tune import REPO, write_sweep
 
 MIXED = {"ratbptt.window": {"grid": [1, 2]}, "meta.lr": {"loguniform": [1e-4, 1e-1]},
@@ -108,17 +109,23 @@ def test_every_shipped_sweep_builds_only_valid_trials_or_says_why(name, tmp_path
 
 @pytest.mark.slow
 @needs_fashion
-def test_an_optuna_sweep_with_asha_runs_end_to_end(ray_session, tmp_path):
+def test_an_optuna_sweep_with_asha_runs_end_to_end_and_scores_a_rejected_sample_worst(ray_session, tmp_path):
     path = write_sweep(tmp_path, name="optuna", set=TINIER, searcher={"name": "optuna"}, num_samples=3, seed=1,
-                       search={"meta.lr": {"loguniform": [1e-3, 1e-1]}, "init.mode": {"choice": ["real", "noise"]}},
+                       search={"meta.lr": {"loguniform": [1e-3, 1e-1]}, "ratbptt.window": {"choice": [2, 8]}},
                        scheduler={"name": "asha", "grace_period": 3, "reduction_factor": 2})
     sweep = load_sweep(path)
-    summary = run_sweep(path, verbose=0)
-    rows = summary["rows"]
-    assert sorted(r["trial"] for r in rows) == ["t000", "t001", "t002"]
-    assert {r["status"] for r in rows} <= {"done", "stopped"} and rows[0]["status"] == "done"
     proposed = optuna_samples(sweep, 3)  # TPE's first proposals are its seeded random start-up draws
-    assert [{k: r[k] for k in proposed[0]} for r in sorted(rows, key=lambda r: r["trial"])] == proposed
+    assert [p["ratbptt.window"] for p in proposed] == [2, 2, 8]  # seed 1: the third is invalid (window > unroll 4)
+    summary = run_sweep(path, verbose=0)
+    rows = sorted(summary["rows"], key=lambda r: r["trial"])
+    assert [r["trial"] for r in rows] == ["t000", "t001", "t002"]
+    assert [{k: r[k] for k in proposed[0]} for r in rows] == proposed  # the sweep's seed reached Tune's run
+    assert rows[0]["status"] == "done" and rows[1]["status"] in ("done", "stopped") and rows[2]["status"] == "rejected"
+    experiment = Path(sweep.experiment_path())
+    with open(next(experiment.glob("searcher-state-*.pkl")), "rb") as fh:
+        study = pickle.load(fh)["_ot_study"]  # what Optuna was told, as Tune saved it
+    told = {t.params["ratbptt.window"] if t.number == 2 else t.number: t.value for t in study.trials}
+    assert told[8] == WORST_SCORE and 0 < told[0] and 0 < told[1]
     best = yaml.safe_load(Path(summary["best_preset"]).read_text())
-    assert best["meta"]["lr"] == pytest.approx(rows[0]["meta.lr"]) and best["steps"] == 6
-    assert (Path(sweep.experiment_path()) / "sweep.yaml").read_text() == path.read_text()
+    assert best["meta"]["lr"] == pytest.approx(summary["best"]["meta.lr"]) and best["steps"] == 6
+    assert (experiment / "sweep.yaml").read_text() == path.read_text()
