@@ -5,6 +5,9 @@ import os
 
 import pytest
 
+from raydistill.methods.base import Learnable
+from raydistill.synset.meta_update import MetaOptimizer
+
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray's worker processes import plug-in methods defined in this folder (toy_method.py) by name, as a cluster's
@@ -24,3 +27,16 @@ def ray_session():
              _node_ip_address="127.0.0.1")
     yield ray
     ray.shutdown()
+
+
+def make_meta(images, soft, cfg):
+    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
+    tensors, specs = {"images": images}, {"images": Learnable()}
+    if soft is not None:
+        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
+    return MetaOptimizer(tensors, specs, cfg)
+
+
+def named(g, gl=None):
+    """Gradients by learnable name, as MetaOptimizer.step takes them."""
+    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}

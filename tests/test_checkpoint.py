@@ -24,19 +24,7 @@ from raydistill.io.checkpoint import (
     state_to_arrays,
 )
 from raydistill.config import MetaOptConfig
-from raydistill.methods.base import Learnable
-from raydistill.synset.meta_update import MetaOptimizer
-
-def make_meta(images, soft, cfg):
-    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
-    tensors, specs = {"images": images}, {"images": Learnable()}
-    if soft is not None:
-        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
-    return MetaOptimizer(tensors, specs, cfg)
-
-
-def named(g, gl=None):
-    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}
+from conftest import make_meta, named
 
 
 
@@ -61,7 +49,7 @@ def assert_bit_exact(a, b) -> None:
     assert np.ascontiguousarray(a).tobytes() == np.ascontiguousarray(b).tobytes()
 
 
-def make_optimizer(labels: bool, steps: int) -> MetaOptimizer:
+def make_optimizer(labels: bool, steps: int):
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(4, 1, 3, 3, generator=gen)
     soft = torch.eye(2).repeat(2, 1) if labels else None

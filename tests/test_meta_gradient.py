@@ -15,21 +15,9 @@ from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam
 from raydistill.methods.base import task_seed
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient, plan_window, unrolled_meta_loss
-from raydistill.methods.base import Learnable
-from raydistill.synset.meta_update import MetaOptimizer
+from conftest import make_meta, named
 
 CLASSES, IPC, SIDE = 2, 2, 6
-
-def make_meta(images, soft, cfg):
-    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
-    tensors, specs = {"images": images}, {"images": Learnable()}
-    if soft is not None:
-        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
-    return MetaOptimizer(tensors, specs, cfg)
-
-
-def named(g, gl=None):
-    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}
 
 
 

@@ -1,6 +1,7 @@
 """Tune's own search: the sweep's space as Tune domains, seeded searchers (basic and Optuna), an Optuna + ASHA sweep."""
 
 import dataclasses
+import importlib.util
 import pickle
 from pathlib import Path
 
@@ -10,9 +11,12 @@ from ray.tune.experiment import Experiment
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
 
 from conftest import needs_fashion
-from raydistill.config.core import ConfigError
+from raydistill.config import ConfigError
 from raydistill.tune import WORST_SCORE, corners, load_sweep, make_searcher, run_sweep, search_space, trial_config
+from raydistill.tune import sweep as sweep_file
 from test_tune import REPO, write_sweep
+
+needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="needs the optuna extra")
 
 MIXED = {"ratbptt.window": {"grid": [1, 2]}, "meta.lr": {"loguniform": [1e-4, 1e-1]},
          "ratbptt.inner_lr": {"uniform": [0.001, 0.01]}, "ratbptt.unroll": {"randint": [4, 9]},
@@ -63,6 +67,7 @@ def test_the_basic_search_covers_the_grid_and_draws_the_rest_reproducibly(tmp_pa
     assert len({s["meta.lr"] for s in samples}) == 6
 
 
+@needs_optuna
 def test_the_optuna_search_is_seeded_by_the_sweep(tmp_path):
     path = write_sweep(tmp_path, searcher={"name": "optuna"}, num_samples=5, seed=3, search=RANDOM)
     samples = optuna_samples(load_sweep(path), 5)
@@ -72,6 +77,7 @@ def test_the_optuna_search_is_seeded_by_the_sweep(tmp_path):
     assert all(set(s) == set(RANDOM) and 4 <= s["ratbptt.unroll"] < 9 for s in samples)
 
 
+@needs_optuna
 def test_optuna_learns_a_boosting_trials_final_score_and_ignores_its_partial_reports(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, searcher="optuna", metric="val_acc_mean", boost={"block": 1, "blocks": 2},
                                    search={"boost.beta": {"uniform": [0.0, 0.5]}}))
@@ -83,6 +89,13 @@ def test_optuna_learns_a_boosting_trials_final_score_and_ignores_its_partial_rep
     searcher.on_trial_complete("a", {"val_acc": 41.0, "val_acc_mean": 42.5, "step": 8})
     (told,) = searcher.searcher._ot_study.trials
     assert told.value == 42.5 and told.intermediate_values == {}
+
+
+def test_an_optuna_sweep_without_optuna_installed_says_how_to_get_it(tmp_path, monkeypatch):
+    path = write_sweep(tmp_path, searcher="optuna", search=RANDOM)
+    monkeypatch.setattr(sweep_file.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r"^searcher: optuna is not installed; pip install 'raydistill\[optuna\]'"):
+        load_sweep(path)
 
 
 def test_the_corners_hold_the_largest_valid_sample(tmp_path):
@@ -109,6 +122,7 @@ def test_every_shipped_sweep_builds_only_valid_trials_or_says_why(name, tmp_path
 
 @pytest.mark.slow
 @needs_fashion
+@needs_optuna
 def test_an_optuna_sweep_with_asha_runs_end_to_end_and_scores_a_rejected_sample_worst(ray_session, tmp_path):
     path = write_sweep(tmp_path, name="optuna", set=TINIER, searcher={"name": "optuna"}, num_samples=3, seed=1,
                        search={"meta.lr": {"loguniform": [1e-3, 1e-1]}, "ratbptt.window": {"choice": [2, 8]}},

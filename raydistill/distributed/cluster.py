@@ -106,7 +106,7 @@ class TrialPlacement(WorkerPlacement):
 
     def __init__(self, group, first: int, workers: int):
         if group is None:
-            raise ConfigError("placement: no placement group here; run the trial through raydistill.tune.core")
+            raise ConfigError("placement: no placement group here; run the trial through raydistill.tune")
         bundles = placement_group_table(group).get("bundles", {})
         self.bundles = [bundles[i] for i in sorted(bundles) if i >= first]
         if len(self.bundles) != workers:

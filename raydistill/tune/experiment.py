@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-from raydistill.config.core import ConfigError, DistillConfig
+from raydistill.config import ConfigError, DistillConfig
 from raydistill.distributed.cluster import connect, worker_resources
 from raydistill.tune.report import params_text, write_outputs
 from raydistill.tune.space import corners, describe_space, make_searcher, planned_trials, search_space
@@ -150,8 +150,9 @@ def check_same_sweep(sweep: Sweep) -> None:
     state and the finished trials belong to the old search space).
     """
     filesystem, path = _record(sweep)
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:
-        return  # an experiment started before sweeps were recorded
+    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:  # its trials would not match this trainable
+        raise ConfigError(f"--resume: the experiment has no {SWEEP_RECORD} (an older raydistill started it); start a "
+                          f"new sweep under another name")
     with filesystem.open_input_stream(path) as fh:
         recorded = yaml.safe_load(fh.read().decode())
     if yaml.safe_load(Path(sweep.source).read_text()) != recorded:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raydistill.config.core import config_to_dict
+from raydistill.config.loading import config_to_dict
 from raydistill.io.atomic import atomic_write_text
 from raydistill.tune.sweep import REJECTED, RUNG_METRIC, TIME_ATTR, TOTAL_ATTR, Sweep, trial_config
 

@@ -16,7 +16,7 @@ from typing import Any
 from ray import tune
 from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, SearchAlgorithm, Searcher
 
-from raydistill.config.core import ConfigError, DistillConfig
+from raydistill.config import ConfigError, DistillConfig
 from raydistill.tune.sweep import Sweep, trial_config
 
 MAX_CORNERS = 256  # samples tried by `corners`; a bigger product is cut (its largest values come first)

@@ -16,7 +16,8 @@ from typing import Any
 
 import yaml
 
-from raydistill.config.core import ConfigError, DistillConfig, _read_yaml, config_from_dict
+from raydistill.config import ConfigError, DistillConfig
+from raydistill.config.loading import config_from_dict, read_preset, set_dotted
 from raydistill.synset.boost import cumulative_budgets, schedule
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -231,33 +232,20 @@ def _check_metric(sweep: Sweep) -> None:
 # ---------------------------------------------------------------------------------------------- one sample
 
 
-def _set_dotted(data: dict, key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
-            raise _err(key, f"{part!r} is not a section of the config")
-        node = child
-    node[parts[-1]] = value
-
-
 def trial_config(sweep: Sweep, params: dict[str, Any], check_paths: bool = True) -> tuple[DistillConfig, list[int]]:
     """The full config of one sample (and its budgets, for boosting); ConfigError says why a sample is invalid.
 
     The sample's dotted keys are applied to the base preset's raw config dict after the sweep's fixed `set`, so any
     config field can be searched. Checks against the data set (batch sizes) are the trial's: see trial.checked_config.
     """
-    data, _ = _read_yaml(sweep.base)
+    data, _ = read_preset(sweep.base)
     values = {**sweep.fixed, **params}
     boost = dict(sweep.boost or {})
     for key, value in values.items():
         if key.startswith("boost."):
             boost[key[len("boost."):]] = value
         else:
-            _set_dotted(data, key, value)
+            set_dotted(data, key, value)
     data.setdefault("ray", {})["address"] = None  # a trial runs inside the sweep's Ray
     cfg = config_from_dict(data, check_paths=check_paths)
     if not sweep.boosting:

@@ -21,22 +21,25 @@ import numpy as np
 import ray
 from ray import tune
 
-from raydistill.config.core import ConfigError, DistillConfig, config_to_dict, validate_against_data
-from raydistill.data.registry import load_dataset
-from raydistill.distributed.boost import boost as boost_on_ray
+from raydistill.config import ConfigError, DistillConfig
+from raydistill.config.loading import config_to_dict
+from raydistill.config.validate import load_checked
+from raydistill.distributed.boost import boost
 from raydistill.distributed.cluster import TrialPlacement, worker_bundle
-from raydistill.distributed.driver import distill as distill_on_ray
+from raydistill.distributed.driver import distill
 from raydistill.distributed.validator import validate_snapshot
-from raydistill.distributed.worker import GradientWorker as MetaGradWorker
+from raydistill.distributed.worker import GradientWorker
 from raydistill.io.artifact import read_distilled
-from raydistill.io.checkpoint import list_checkpoints
-from raydistill.io.run_dir import ARTIFACT
+from raydistill.io.checkpoint import checkpoint_step, list_checkpoints
+from raydistill.io.run_dir import ARTIFACT, CHECKPOINTS, stage_dir
+from raydistill.synset.boost import total_ipc
 from raydistill.tune.sweep import REJECTED, RUNG_METRIC, TIME_ATTR, TOTAL_ATTR, Sweep, total_steps, trial_config
 
 RUN = "run"  # the trial's run directory, inside the trial's working directory
-# A rejected sample's score: 0 % validation accuracy, the floor of the metric. No run that trains scores it (chance
-# is 100 / classes %), and, unlike -inf, it is an ordinary number for every consumer: Tune's JSON results, ASHA's rung
-# quantiles, Optuna's TPE (which only ranks scores, so -inf would teach it nothing more).
+# A rejected sample's score: 0 % validation accuracy, the floor of the metric, below any run that trains (those land
+# near chance, 100 / classes %, at worst). Unlike -inf it is an ordinary number to every consumer: Tune's JSON results,
+# ASHA's rung quantiles, Optuna's TPE (which only ranks the scores, so -inf would teach it nothing more). Optuna records
+# it as a finished trial, not a failed one: TPE drops failed trials and would keep proposing the invalid region.
 WORST_SCORE = 0.0
 REJECTED_BUNDLE = {"CPU": 0.1}  # enough to read a config; a rejected trial should not wait for a free core
 
@@ -44,11 +47,7 @@ REJECTED_BUNDLE = {"CPU": 0.1}  # enough to read a config; a rejected trial shou
 def checked_config(sweep: Sweep, params: dict[str, Any]) -> tuple[DistillConfig, list[int]]:
     """trial_config plus the checks against the data set (batch sizes, classes); ConfigError when invalid."""
     cfg, budgets = trial_config(sweep, params)
-    dataset = load_dataset(cfg.data)
-    check = cfg
-    if cfg.boost.stages:  # a boosted set holds every block
-        check = dataclasses.replace(cfg, ipc=sum(s.block for s in cfg.boost.stages))
-    validate_against_data(check, dataset.num_train, dataset.num_classes, len(dataset.val_y))
+    load_checked(dataclasses.replace(cfg, ipc=total_ipc(cfg)))  # a boosted set holds every block
     return cfg, budgets
 
 
@@ -119,14 +118,14 @@ def steps_done(run: Path, cfg: DistillConfig) -> int:
     """Meta-steps a restored run directory already holds: finished stages plus the newest checkpoint."""
 
     def newest(folder: Path) -> int:
-        found = list_checkpoints(folder / "checkpoints")
-        return int(found[0].name[len("ckpt-"):-len(".rdck")]) if found else 0
+        found = list_checkpoints(folder / CHECKPOINTS)
+        return checkpoint_step(found[0]) if found else 0
 
     if not cfg.boost.stages:
         return newest(run)
     done = 0
     for index, stage in enumerate(cfg.boost.stages):
-        folder = run / f"stage-{index + 1}"
+        folder = stage_dir(run, index)
         if (folder / ARTIFACT).exists():
             done += stage.steps
         else:
@@ -168,15 +167,15 @@ def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None
                                workers=cfg.ray.workers)
     total = total_steps(cfg)
     reporter = Reporter(run, total, steps_done(run, cfg) if resume else 0)
-    engine = {"worker_cls": worker_cls or MetaGradWorker, "placement": placement,
+    engine = {"worker_cls": worker_cls or GradientWorker, "placement": placement,
               "on_validation": reporter.validated}
     began = time.perf_counter()
     if cfg.boost.stages:
-        boost_on_ray(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)
+        boost(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)
         final = budget_accuracies(run, cfg, budgets, placement)
         final[RUNG_METRIC] = final[f"val_acc@{max(budgets)}"]
     else:
-        distill_on_ray(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)
+        distill(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)
         meta = read_distilled(run / ARTIFACT).metadata
         final = {RUNG_METRIC: meta["val_acc"], "selected_step": meta["selected_step"]}
     reporter.report({**final, TIME_ATTR: total, "seconds": round(time.perf_counter() - began, 1)})
