@@ -60,9 +60,9 @@ class NullWorker:
     def compute(self, snapshot: list, step: int, slot: int) -> dict:
         began = time.perf_counter()
         snap = ray.get(snapshot[0])
-        grad = np.full_like(snap["images"], 1e-3 * (slot + 1))
-        return {"images": grad, "labels": None, "meta_loss": 0.0, "start": 0, "window": 0, "version": snap["version"],
-                "seconds": time.perf_counter() - began}
+        grad = np.full_like(snap["learnables"]["images"], 1e-3 * (slot + 1))
+        return {"grads": {"images": grad}, "loss": 0.0, "stats": {}, "slot": slot, "slot_state": None,
+                "version": snap["version"], "seconds": time.perf_counter() - began}
 
 
 def server_overhead(n: int, shape: tuple, workers: int, steps: int, warmup: int) -> dict:
@@ -70,8 +70,8 @@ def server_overhead(n: int, shape: tuple, workers: int, steps: int, warmup: int)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((n, *shape), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(config_to_dict(cfg), tmp, images,
-                                                                     np.arange(n) % 100, None)
+        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(config_to_dict(cfg), tmp, {"images": images},
+                                                                     np.arange(n) % 100)
         pool = [ray.remote(NullWorker).options(num_cpus=0).remote() for _ in range(workers)]
         times = []
         for step in range(steps + warmup):
@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/scaling.json")
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+             _node_ip_address="127.0.0.1")
     try:
         runs = []
         for mode in ("end", "random"):

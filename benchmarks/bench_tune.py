@@ -3,7 +3,7 @@
     python benchmarks/bench_tune.py                       # runs `raydistill tune` on a fresh storage folder
     python benchmarks/bench_tune.py --existing DIR --wall-s S   # records a sweep already run with the same command
 
-Writes benchmarks/results/tune_fmnist.json: the command, the machine, the wall time (Ray start, trial planning, every
+Writes benchmarks/results/tune_fmnist.json: the command, the machine, the wall time (Ray start, the checks before starting, every
 trial and the outputs), and each sample's row of results.csv.
 """
 

@@ -39,7 +39,8 @@ from raydistill.distributed.worker import GradientWorker  # noqa: E402
 TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
         "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",
         "ray.placement_timeout_s=60"]
-NODE = {"object_store_memory": 100 * 2**20}  # per raylet; the default 150 MiB x 3 nodes is more than we need
+NODE = {"object_store_memory": 100 * 2**20,  # per raylet; the default 150 MiB x 3 nodes is more than we need
+        "node_ip_address": "127.0.0.1"}  # every simulated node binds to loopback only
 HEAD = {**NODE, "include_dashboard": False}
 
 

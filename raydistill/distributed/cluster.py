@@ -17,8 +17,11 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # A Ray started here (no address, no RAY_ADDRESS) serves this process alone: it binds to loopback only.
+    local = address is None and not os.environ.get("RAY_ADDRESS")
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
     except ConnectionError as exc:
         raise ConfigError(f"ray.address: cannot reach a Ray cluster at {address!r} ({exc}); start one with "
                           "'ray start --head' or leave ray.address unset for a local Ray") from None
