@@ -91,6 +91,11 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _check_in_process(args: argparse.Namespace) -> None:
+    if args.in_process and args.address is not None:
+        raise ConfigError("--in-process: runs without Ray, so --address has nothing to join; drop one of the two")
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
     flags = {"ray.workers": args.workers, "ray.mode": args.mode, "ray.address": args.address}
     return args.overrides + [f"{key}={value}" for key, value in flags.items() if value is not None]
@@ -116,6 +121,7 @@ def _finished(summary: dict, run: str) -> bool:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
+    _check_in_process(args)
     overrides = _overrides(args)
     if args.resume:
         if overrides:
@@ -133,6 +139,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_boost(args: argparse.Namespace) -> int:
+    _check_in_process(args)
     overrides = _overrides(args)
     budgets = _budgets(args.budgets)
     if args.resume:

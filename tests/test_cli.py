@@ -118,3 +118,10 @@ def test_grid_puts_one_class_per_column():
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]
+
+
+def test_in_process_with_an_address_is_refused_before_anything_starts(tmp_path, capsys):
+    out = tmp_path / "never"
+    assert main(["distill", "--in-process", "--address", "auto", "--out", str(out)]) == 2
+    assert "--in-process: runs without Ray" in capsys.readouterr().err
+    assert not out.exists()
