@@ -25,6 +25,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.pop("RAY_ADDRESS", None)  # connect() must reuse this script's cluster, never another one
+# Every simulated node binds to 127.0.0.1, and Ray must not "resolve" a loopback address to the machine's own IP
+# when the driver joins (it does so only where multi-node clusters are enabled, which is what this switch turns off).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -85,7 +88,8 @@ class ServerRecordsItsNode(ParameterServer):
 
 def connect(cluster: Cluster) -> None:
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=True)
+    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=True,
+             _node_ip_address="127.0.0.1")
 
 
 def node_ids(cluster: Cluster) -> dict:

@@ -10,6 +10,9 @@ from raydistill.synset.meta_update import MetaOptimizer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Tests bind every Ray to 127.0.0.1; this keeps Ray from "resolving" a loopback address to the machine's own IP when
+# a subprocess joins the session's Ray (it does that only where multi-node clusters are enabled).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Ray's worker processes import plug-in methods defined in this folder (toy_method.py) by name, as a cluster's
 # nodes would import an installed package.
 TESTS = os.path.dirname(os.path.abspath(__file__))

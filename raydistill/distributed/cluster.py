@@ -17,8 +17,10 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A Ray started here (no address, no RAY_ADDRESS) serves this process alone: it binds to loopback only.
-    local = address is None and not os.environ.get("RAY_ADDRESS")
+    # A Ray started here (no address, no RAY_ADDRESS) serves this process alone: it binds to loopback only; so does
+    # a driver joining a cluster on this machine's loopback (it must reach the head where the head listens).
+    target = address or os.environ.get("RAY_ADDRESS") or ""
+    local = not target or target.split("://")[-1].startswith(("127.", "localhost"))
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
                  **({"_node_ip_address": "127.0.0.1"} if local else {}))
