@@ -80,7 +80,9 @@ class Method:
         return {}
 
     def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> Any:
-        """A worker's context for `gradient`; `resources` holds what `needs` asked for, already on the device."""
+        """A worker's context for `gradient`. `resources` always holds "device" and "dataset_info" (number of
+        classes, image shape), plus what `needs` asked for, already on the device: "train_x" / "train_y" for
+        train_data, "model_factory" for model_factory."""
         return resources
 
     def gradient(self, context: Any, learnables: dict[str, Tensor], hard_labels: Tensor, step: int, slot: int,
