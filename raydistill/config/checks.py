@@ -54,12 +54,14 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             raise ConfigError(f"{name}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value)
     if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{name}: must be a finite number, got {value}; NaN and infinity are never valid settings")
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{name}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
     return value

@@ -5,12 +5,15 @@ The method's own section is checked by the method (raydistill.methods); everythi
 
 from __future__ import annotations
 
+import torch
+
 from raydistill.config.checks import at_least, choice, in_range, positive
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import AUGMENTATIONS, BASELINES, EVAL_RECIPES, INIT_MODES, NORMS, RAY_MODES, DistillConfig
 from raydistill.data.registry import DATASETS, Dataset, load_dataset, resolve_root
 from raydistill.methods.registry import get_method
-from raydistill.models.registry import MODELS
+from raydistill.models.registry import MODELS, create_model
+from raydistill.runtime import resolve_device
 
 
 def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
@@ -98,7 +101,25 @@ def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, 
 
 
 def load_checked(cfg: DistillConfig) -> Dataset:
-    """The run's data set, with the checks that need its sizes done: data problems surface before a run starts."""
+    """The run's data set, with every check that needs it or this machine done: problems that would otherwise
+    surface late (a batch larger than the data, a GPU that is not there, a network that cannot take the images)
+    stop the run before it starts."""
+    resolve_device(cfg.device)  # the driver evaluates on cfg.device: a missing GPU fails now, not after distilling
     dataset = load_dataset(cfg.data)
     validate_against_data(cfg, dataset.num_train, dataset.num_classes, len(dataset.val_y))
+    check_archs(cfg, dataset.image_shape, dataset.num_classes)
     return dataset
+
+
+def check_archs(cfg: DistillConfig, image_shape: tuple[int, ...], num_classes: int) -> None:
+    """Every network the run builds (model.name, eval.archs) takes the data set's images: one forward on a blank one."""
+    c, h, _ = image_shape
+    m = cfg.model
+    for field, arch in [("model.name", m.name), *((f"eval.archs[{i}]", a) for i, a in enumerate(cfg.eval.archs))]:
+        try:
+            with torch.no_grad():
+                create_model(arch, c, num_classes, h, width=m.width, depth=m.depth, norm=m.norm).eval()(
+                    torch.zeros(1, *image_shape))
+        except (RuntimeError, ValueError) as exc:
+            raise ConfigError(f"{field}: {arch} cannot take {'x'.join(map(str, image_shape))} images "
+                              f"({str(exc).splitlines()[0][:120]}); pick another model or data.image_size") from None
