@@ -87,6 +87,7 @@ def parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", metavar="RUN_DIR")
     export.add_argument("--prefix", type=int, metavar="K", help="keep the first K images per class (block order)")
     export.add_argument("--out", required=True, help="the Parquet file to write")
+    export.add_argument("--force", action="store_true", help="replace --out if it exists")
     sub.add_parser("presets", help="list the shipped presets")
     return ap
 
@@ -175,6 +176,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         cfg.eval.archs = list(args.archs)
     set_threads(cfg.threads)
     dataset = load_checked(cfg)
+    if tuple(dset.images.shape[1:]) != tuple(dataset.image_shape):
+        raise ArtifactError(f"{args.run_dir}: its images are {'x'.join(map(str, dset.images.shape[1:]))} but "
+                            f"{cfg.data.name} has {'x'.join(map(str, dataset.image_shape))}; the artifact does not "
+                            "belong to its own config")
     if args.budgets is not None:
         evaluate_budgets(Path(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
                          progress=not args.quiet)
@@ -199,6 +204,13 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out: {out} is a directory; name the Parquet file to write, e.g. {out / 'ipc1.parquet'}")
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out: {out} already exists; choose another file, or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out: folder {out.parent} does not exist; create it or choose another path")
     dset = read_distilled(Path(args.run_dir) / ARTIFACT)
     if args.prefix is not None:
         if not 1 <= args.prefix <= dset.ipc:

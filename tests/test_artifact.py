@@ -171,7 +171,7 @@ def rewrite(path: Path, change) -> None:
         (lambda t, m: (t, {**m, "format_version": 99}), "format version 99 is newer.*upgrade raydistill"),
         (lambda t, m: (t.drop_columns(["block"]), m), "missing column.*block"),
         (lambda t, m: (t, {**m, "image_shape": [3, 5, 5]}), "expected fixed_size_list<float> of 75"),
-        (lambda t, m: (t, {**m, "num_classes": 7}), "soft_label .*num_classes=7"),
+        (lambda t, m: (t, {**m, "num_classes": 7, "class_names": list("abcdefg")}), "soft_label .*num_classes=7"),
         (lambda t, m: (t.set_column(1, "label", pa.array([9] * t.num_rows)), m), "inconsistent contents"),
     ],
 )

@@ -42,3 +42,117 @@ def test_a_network_that_cannot_take_the_images_is_refused_up_front():
 def test_load_checked_runs_the_architecture_check():
     with pytest.raises(ConfigError, match="model.name: convnet cannot take"):
         load_checked(load_config("quickstart", ["model.depth=6"]))
+
+
+# ---------------------------------------------------------------------------------------------- crafted artifacts
+
+import json  # noqa: E402
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+from test_artifact import make_set  # noqa: E402
+
+from raydistill.io import artifact  # noqa: E402
+
+# Bad values for every metadata key raydistill reads. A key written by raydistill that is neither here nor in
+# FREE_FORM fails test_every_metadata_key_has_bad_value_cases: a new field gets its crafted cases with it.
+BAD_VALUES = {
+    "image_shape": [None, [784, 1, 1], [True, 28, 28], [1, 28], [1, 0, 28], [1, 28, 1e400], "1x28x28"],
+    "num_classes": [None, 1e400, 0, -3, True, "10", 10**12],
+    "class_names": [None, "abc", [1, 2, 3, 4], ["a"]],
+    "ipc": [0, -1, 1.5, True, None],
+    "normalisation": [None, {}, {"mean": [0.5] * 3}, {"mean": [0.5] * 3, "std": [0.0] * 3},
+                      {"mean": [float("nan")] * 3, "std": [1.0] * 3}, {"mean": [0.5], "std": [1.0]}],
+    "zca": ["yes", 1, None],
+    "config": [None, [], "ratbptt"],
+    "method": [None, 3, {}],
+    "dataset": [None, 5],
+    "learned": [[], "x"],
+}
+FREE_FORM = {"eval_recipe", "code_version"}  # shown or stored as they are, never used in a computation
+
+
+def craft(tmp_path, meta: dict | bytes):
+    run = tmp_path / "run"
+    dset = make_set()
+    artifact.write_distilled(run / artifact.DISTILLED_FILE, dset)
+    path = run / artifact.DISTILLED_FILE
+    table = pq.read_table(path)
+    raw = meta if isinstance(meta, bytes) else json.dumps({"format_version": 1, **meta}).encode()
+    pq.write_table(table.replace_schema_metadata({artifact.META_KEY: raw}), path)
+    return run
+
+
+def good_metadata() -> dict:
+    return dict(make_set().metadata)
+
+
+def test_every_metadata_key_has_bad_value_cases():
+    assert set(good_metadata()) - FREE_FORM <= set(BAD_VALUES)
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, values in BAD_VALUES.items() for v in values],
+                         ids=lambda x: str(x)[:20])
+def test_a_crafted_metadata_value_is_one_line_in_show_and_read(tmp_path, capsys, key, value):
+    meta = good_metadata()
+    meta[key] = value
+    run = craft(tmp_path, meta)
+    with pytest.raises(artifact.ArtifactError, match="metadata|column|inconsistent"):
+        artifact.read_distilled(run)
+    assert main(["show", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("raydistill: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("raw,problem", [
+    (b"[" * 200_000 + b"]" * 200_000, "not a JSON object"),
+    (b'{"format_version": 1, "pad": "' + b"x" * (17 * 2**20) + b'"}', "more than any raydistill artifact"),
+])
+def test_deep_or_huge_metadata_is_refused_before_it_is_used(tmp_path, capsys, raw, problem):
+    run = craft(tmp_path, raw)
+    assert main(["show", str(run)]) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_missing_config_labels_out_of_range_and_empty_sets_are_one_line(tmp_path, capsys):
+    meta = good_metadata()
+    del meta["config"]
+    run = craft(tmp_path, meta)
+    assert main(["eval", str(run)]) == 2
+    assert "holds no config" in capsys.readouterr().err
+    path = run / artifact.DISTILLED_FILE
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(1, "label", pa.array([7] * table.num_rows, pa.int64())), path)
+    assert main(["show", str(run)]) == 2
+    assert "inconsistent contents" in capsys.readouterr().err
+    pq.write_table(table.slice(0, 0), path)
+    assert main(["show", str(run)]) == 2
+    assert "raydistill: error:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def test_out_that_is_an_existing_file_is_refused_and_left_alone(tmp_path, capsys):
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    assert main(["distill", "--out", str(target), "--quiet"]) == 2
+    assert "is an existing file, not a directory" in capsys.readouterr().err
+    assert main(["boost", "--block", "1", "--blocks", "2", "--out", str(target / "run"), "--quiet"]) == 2
+    assert "is a file, so" in capsys.readouterr().err
+    assert target.read_text() == "mine"
+
+
+def test_export_refuses_a_directory_and_an_existing_file_unless_forced(tmp_path, capsys):
+    run = craft(tmp_path, good_metadata())
+    assert main(["export", str(run), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    existing = tmp_path / "keep.txt"
+    existing.write_text("not parquet")
+    assert main(["export", str(run), "--out", str(existing)]) == 2
+    assert "already exists; choose another file, or pass --force" in capsys.readouterr().err
+    assert existing.read_text() == "not parquet"
+    assert main(["export", str(run), "--out", str(existing), "--force"]) == 0
+    assert artifact.read_distilled(existing).ipc == 3
+    assert main(["export", str(run), "--out", str(tmp_path / "absent" / "x.parquet")]) == 2
+    assert "does not exist" in capsys.readouterr().err

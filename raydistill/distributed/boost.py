@@ -47,6 +47,8 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
             return {"run_dir": str(run), "finished": True}
     if not cfg.boost.stages:
         raise ConfigError("boost.stages: empty; give --block/--blocks or a boost.stages list in the YAML")
+    if not resume:
+        rundir.check_fresh(run)  # before the data loads: an existing run (or a file) is never written into
     final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
     dataset = load_checked(final_cfg)
     if not resume:

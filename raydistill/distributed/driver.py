@@ -282,8 +282,8 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
         cfg = rundir.resumable_config(run)
         if cfg is None:
             return {"run_dir": str(run), "finished": True}
-    elif run.exists() and any(run.iterdir()):
-        rundir.prepare(run)  # raises: an existing run is never written into
+    else:
+        rundir.check_fresh(run)  # raises: an existing run (or a file) is never written into
     dataset = load_checked(cfg)  # data problems surface before anything is created
     backend = "local" if in_process else "ray"
     started = False if in_process else connect(cfg.ray.address)

@@ -34,6 +34,9 @@ import torch
 from raydistill.io.atomic import atomic_path, atomic_write_bytes, json_default
 
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 16 * 2**20  # a config, class names and learned scalars: far below this for any real set
+MAX_SIDE = 4096  # image channels / height / width
+MAX_CLASSES = 1_000_000
 META_KEY = b"raydistill"
 DISTILLED_FILE = "distilled.parquet"
 ZCA_FILE = "zca.npz"
@@ -174,6 +177,44 @@ def _broken(path: Path, exc: BaseException) -> ArtifactError:
     )
 
 
+def _int(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _numbers(value: Any, length: int) -> bool:
+    return (isinstance(value, list) and len(value) == length and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
+
+
+def check_metadata(path: Path, meta: dict) -> None:
+    """The metadata comes from the file, so it is untrusted: check every key raydistill reads, with its type and
+    range, before anything uses it. One ArtifactError names the key."""
+    def bad(key: str, expected: str) -> ArtifactError:
+        return ArtifactError(f"{path}: metadata {key} is {str(meta.get(key))[:80]!r}, expected {expected}; "
+                             "the file is corrupt or was not written by raydistill")
+
+    shape = meta.get("image_shape")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_int(s, 1, MAX_SIDE) for s in shape)):
+        raise bad("image_shape", f"[C, H, W] of integers in 1..{MAX_SIDE}")
+    if "num_classes" in meta and not _int(meta["num_classes"], 1, MAX_CLASSES):
+        raise bad("num_classes", f"an integer in 1..{MAX_CLASSES}")
+    names = meta.get("class_names")
+    if "class_names" in meta and not (isinstance(names, list) and all(isinstance(n, str) for n in names)
+                                  and len(names) == meta.get("num_classes", len(names)) and 0 < len(names) <= MAX_CLASSES):
+        raise bad("class_names", "a list of strings, one per class")
+    if "ipc" in meta and not _int(meta["ipc"], 1, 10**9):
+        raise bad("ipc", "a positive integer")
+    norm = meta.get("normalisation")
+    if "normalisation" in meta and not (isinstance(norm, dict) and _numbers(norm.get("mean"), shape[0])
+                                 and _numbers(norm.get("std"), shape[0]) and all(v > 0 for v in norm["std"])):
+        raise bad("normalisation", f"{{mean, std}} of {shape[0]} finite numbers each, std > 0")
+    for key, kind, expected in (("zca", bool, "true or false"), ("config", dict, "a mapping of config fields"),
+                                ("method", str, "a method name"), ("dataset", str, "a data set name"),
+                                ("learned", dict, "a mapping of learnable names to values")):
+        if key in meta and not isinstance(meta[key], kind):
+            raise bad(key, expected)
+
+
 def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
     """Open and validate the schema and metadata without reading any data; returns (path, schema, metadata)."""
     path = _resolve(path)
@@ -189,9 +230,12 @@ def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
             f"{path}: Parquet file without 'raydistill' metadata; not a raydistill artifact, "
             f"pass the {DISTILLED_FILE} of a run"
         )
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ArtifactError(f"{path}: its metadata is {len(raw)} bytes, more than any raydistill artifact writes "
+                            f"({MAX_METADATA_BYTES}); the file is not a raydistill artifact")
     try:
         meta = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than any artifact writes
         meta = None
     if not isinstance(meta, dict):
         raise ArtifactError(f"{path}: the 'raydistill' metadata is not a JSON object; the file is corrupt, re-run")
@@ -206,9 +250,8 @@ def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
     missing = [c for c in ("image", "label", "block") if c not in schema.names]
     if missing:
         raise ArtifactError(f"{path}: missing column(s) {', '.join(missing)}; the file is not a complete artifact")
-    shape = meta.get("image_shape")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(s, int) and s > 0 for s in shape)):
-        raise ArtifactError(f"{path}: metadata image_shape {shape!r} is not [C, H, W]; the file is corrupt, re-run")
+    check_metadata(path, meta)
+    shape = meta["image_shape"]
     image_type = schema.field("image").type
     if not pa.types.is_fixed_size_list(image_type) or image_type.list_size != math.prod(shape):
         raise ArtifactError(

@@ -11,6 +11,7 @@ import yaml
 
 from raydistill import __version__
 from raydistill.io.artifact import (
+    ArtifactError,
     DISTILLED_FILE,
     EVAL_FILE,
     METRICS_FILE,
@@ -37,12 +38,28 @@ def stage_dir(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / f"stage-{index + 1}"
 
 
+def check_fresh(run_dir: str | Path) -> Path:
+    """The path of a run directory to create: missing or an empty folder; anything else is refused, untouched."""
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--out: {path} is an existing file, not a directory; choose a new directory")
+    if path.is_dir() and any(path.iterdir()):
+        raise ConfigError(f"--out: {path} already exists and is not empty; choose a new directory or remove it")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(f"--out: {parent} is a file, so {path} cannot be created; choose another path")
+            break
+    return path
+
+
 def prepare(run_dir: str | Path) -> Path:
     """Create a fresh run directory; an existing non-empty one is never written into."""
-    path = Path(run_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(f"--out: {path} already exists and is not empty; choose a new directory or remove it")
-    path.mkdir(parents=True, exist_ok=True)
+    path = check_fresh(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot create {path} ({exc.strerror}); choose a writable location") from None
     return path
 
 
@@ -128,6 +145,9 @@ def load_run(run_dir: str | Path) -> tuple[DistilledSet, DistillConfig]:
     if not path.is_dir():
         raise ConfigError(f"RUN_DIR: {path} is not a directory; pass the --out folder of a 'raydistill distill' run")
     dset = read_distilled(path / ARTIFACT)
+    if not isinstance(dset.metadata.get("config"), dict):
+        raise ArtifactError(f"{path / ARTIFACT}: its metadata holds no config, so it cannot be evaluated again; "
+                            "pass the run directory of a 'raydistill distill' run")
     cfg = config_from_dict(dset.metadata["config"])
     return dset, cfg
 

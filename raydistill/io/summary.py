@@ -11,15 +11,7 @@ from typing import Any
 import numpy as np
 
 from raydistill.config import DistillConfig
-from raydistill.io.artifact import (
-    BUDGETS_FILE,
-    EVAL_FILE,
-    METRICS_FILE,
-    ArtifactError,
-    read_column,
-    read_header,
-    read_table,
-)
+from raydistill.io.artifact import BUDGETS_FILE, EVAL_FILE, METRICS_FILE, ArtifactError, read_distilled
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}  # any other section is the method's
 
@@ -78,17 +70,15 @@ def summarise(run_dir: str | os.PathLike) -> str:
     run = Path(run_dir)
     if not run.is_dir():
         raise ArtifactError(f"{run}: no such run directory; check the path or run 'raydistill distill' first")
-    path, schema, meta = read_header(run)
-    table = read_table(path, columns=["block"])
-    n, classes = table.num_rows, meta.get("num_classes", "?")
-    ipc = meta.get("ipc", n // classes if isinstance(classes, int) and classes else "?")
+    dset = read_distilled(run)  # the whole set is checked (labels in range, rows, shapes), not only its header
+    meta, n, classes = dset.metadata, len(dset.labels), dset.num_classes
     lines = [
         f"run:      {run}",
         f"dataset:  {meta.get('dataset', 'unknown')} ({classes} classes)",
-        f"images:   {n} ({ipc} per class), shape {'x'.join(map(str, meta['image_shape']))}",
-        f"labels:   {'learned (soft)' if 'soft_label' in schema.names else 'hard'}",
+        f"images:   {n} ({meta.get('ipc', dset.ipc)} per class), shape {'x'.join(map(str, meta['image_shape']))}",
+        f"labels:   {'learned (soft)' if dset.soft_labels is not None else 'hard'}",
     ]
-    blocks, sizes = np.unique(read_column(path, table, "block", np.int32), return_counts=True)
+    blocks, sizes = np.unique(dset.blocks.numpy(), return_counts=True)
     if len(blocks) == 1:
         lines.append("blocks:   1 (plain run)")
     else:
