@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 RUN ?= runs/quickstart
 
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
+# Ray's token authentication stays on for the demo and benchmarks; the tests switch it off for themselves
+# (tests/conftest.py), on a Ray that binds to 127.0.0.1 only.
 
 .PHONY: demo test setup data bench clean
 

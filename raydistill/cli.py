@@ -68,7 +68,8 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="run a Ray Tune sweep described by a YAML file (see tune_configs/)")
     p.add_argument("sweep", metavar="SWEEP_YAML", help="e.g. tune_configs/fmnist-window-unroll.yaml")
     p.add_argument("--resume", action="store_true",
-                   help="continue an interrupted sweep: finished trials are kept, the others go on from checkpoints")
+                   help="continue an interrupted sweep: finished trials are kept, the others go on from checkpoints. "
+                        "Tune unpickles the experiment's saved state: resume only from storage you trust")
     p.add_argument("--out", help="folder for results.csv, best.yaml and plot.png (default: the experiment folder)")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--quiet", action="store_true", help="no Tune status tables")

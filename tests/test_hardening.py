@@ -156,3 +156,32 @@ def test_export_refuses_a_directory_and_an_existing_file_unless_forced(tmp_path,
     assert artifact.read_distilled(existing).ipc == 3
     assert main(["export", str(run), "--out", str(tmp_path / "absent" / "x.parquet")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- trusted storage
+
+import os  # noqa: E402
+
+import yaml  # noqa: E402
+
+from raydistill.tune import load_sweep  # noqa: E402
+from raydistill.tune.experiment import check_trusted_storage  # noqa: E402
+
+
+def test_resume_refuses_an_experiment_folder_others_can_write(tmp_path):
+    storage = tmp_path / "storage"
+    (storage / "s").mkdir(parents=True)
+    os.chmod(tmp_path, 0o700)
+    sweep_file = tmp_path / "s.yaml"
+    sweep_file.write_text(yaml.safe_dump({"name": "s", "base": "quickstart", "storage": str(storage),
+                                          "search": {"ratbptt.window": {"grid": [5]}}}))
+    sweep = load_sweep(sweep_file)
+    check_trusted_storage(sweep)  # private: fine
+    os.chmod(storage, 0o777)
+    with pytest.raises(ConfigError, match=r"storage is writable by other users.*chmod go-w"):
+        check_trusted_storage(sweep)
+    os.chmod(storage, 0o1777)  # sticky, like /tmp: others cannot replace what is inside
+    check_trusted_storage(sweep)
+    os.chmod(storage / "s", 0o775)
+    with pytest.raises(ConfigError, match="writable by other users"):
+        check_trusted_storage(sweep)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import stat
 from pathlib import Path
 
 import ray
@@ -33,6 +34,25 @@ class Interrupted(RuntimeError):
     """The sweep was interrupted; `raydistill tune FILE --resume` continues it."""
 
 
+def check_trusted_storage(sweep: Sweep) -> None:
+    """Refuse to resume from a local experiment folder that others can write to.
+
+    Tune.restore unpickles the experiment state, so whoever can write that folder can run code as this user. The
+    folder and every folder above it must be writable by their owner only (a sticky folder such as /tmp is fine:
+    others cannot replace what is in it). A URI's access is the storage's own (bucket policies); see the README.
+    """
+    if "://" in sweep.storage:
+        return
+    folder = Path(sweep.experiment_path())
+    for path in [folder, *folder.parents]:
+        if not path.exists():
+            continue
+        mode = path.stat().st_mode
+        if mode & (stat.S_IWGRP | stat.S_IWOTH) and not mode & stat.S_ISVTX:
+            raise ConfigError(f"--resume: {path} is writable by other users, and resuming unpickles the experiment "
+                              f"state found under it; make it private (chmod go-w {path}) or resume elsewhere")
+
+
 def run_sweep(path: str | os.PathLike, *, resume: bool = False, out: str | os.PathLike | None = None,
               address: str | None = None, worker_cls: type | None = None, verbose: int = 1) -> dict:
     """Run (or continue) a sweep; returns the summary rows, best trial and output paths (see report.write_outputs)."""
@@ -52,6 +72,7 @@ def run_sweep(path: str | os.PathLike, *, resume: bool = False, out: str | os.Pa
             raise ConfigError(f"name: an experiment already exists at {sweep.experiment_path()}; continue it with "
                               f"--resume, or change name/storage in {sweep.source}")
         if resume:
+            check_trusted_storage(sweep)
             check_same_sweep(sweep)
         tuner = build_tuner(sweep, samples, resume, worker_cls, verbose)
         if not resume:
