@@ -16,7 +16,7 @@ from raydistill.distributed.driver import EngineError, distill
 from raydistill.distributed.results import run_evaluation
 from raydistill.io.artifact import ArtifactError, read_distilled, write_distilled
 from raydistill.io.summary import summarise
-from raydistill.io.run_dir import ARTIFACT, load_run, targets_of
+from raydistill.io.run_dir import ARTIFACT, CONFIG, load_run, targets_of
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS
 from raydistill.runtime import set_threads
@@ -104,7 +104,9 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _default_out(args: argparse.Namespace) -> str:
-    return args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """The run directory to create; remembered on `args`, so an interruption can name the resume command."""
+    args.run_dir = args.out or f"runs/{Path(args.preset).stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return args.run_dir
 
 
 def _budgets(text: str | None) -> list[int] | None:
@@ -249,7 +251,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("raydistill: interrupted; metrics so far are in the run directory's metrics.jsonl", file=sys.stderr)
+        run = getattr(args, "run_dir", None) or getattr(args, "resume", None)
+        if args.command in ("distill", "boost") and run and Path(run, CONFIG).is_file():
+            command = f"raydistill {args.command} --resume {run}"
+            print(f"raydistill: run interrupted; continue it with: {command}", file=sys.stderr)
+        else:
+            print("raydistill: interrupted before anything was written; nothing to resume", file=sys.stderr)
         return 130
 
 

@@ -185,3 +185,101 @@ def test_resume_refuses_an_experiment_folder_others_can_write(tmp_path):
     os.chmod(storage / "s", 0o775)
     with pytest.raises(ConfigError, match="writable by other users"):
         check_trusted_storage(sweep)
+
+
+# ---------------------------------------------------------------------------------------------- storage failures
+
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import torch  # noqa: E402
+
+import raydistill.distributed.driver as driver  # noqa: E402
+from raydistill.distributed.driver import EngineError, distill  # noqa: E402
+from raydistill.distributed.server import ParameterServer  # noqa: E402
+
+TINY = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
+        "eval.every=0", "threads=1", "ray.checkpoint_every=2", "ray.write_retries=3"]
+
+
+def tiny(*more):
+    return load_config("quickstart", TINY + list(more))
+
+
+def metric_steps(run):
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class FailsCheckpoints(ParameterServer):
+    """Checkpoint writes fail with EACCES while the server's step is in `failing` (a storage outage)."""
+
+    failing: set = set()
+
+    def checkpoint(self):
+        if self.step in self.failing:
+            raise PermissionError(13, "Permission denied", str(self.checkpoints))
+        return super().checkpoint()
+
+
+@pytest.fixture(autouse=False)
+def no_backoff(monkeypatch):
+    monkeypatch.setattr(driver, "backoff", lambda attempt: 0.0)
+
+
+@needs_fashion
+def test_a_checkpoint_outage_loses_no_step_record_and_is_reported(tmp_path, capsys, monkeypatch, no_backoff):
+    monkeypatch.setattr(FailsCheckpoints, "failing", {4, 5})  # the write due at step 4 fails twice, then works
+    run = tmp_path / "run"
+    distill(tiny(), run, in_process=True, progress=False, evaluate=False, server_cls=FailsCheckpoints)
+    assert metric_steps(run) == list(range(1, 9))  # no record lost while the writes failed
+    err = capsys.readouterr().err
+    assert "checkpoint write failed at step 4 (Permission denied" in err and "(2/3)" in err
+    straight = distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
+    assert straight["status"]["applied_steps"] == list(range(8))
+    assert torch.equal(artifact.read_distilled(run).images, artifact.read_distilled(tmp_path / "straight").images)
+
+
+@needs_fashion
+def test_checkpoint_writes_failing_past_the_bound_stop_in_one_line_and_resume_to_the_same_set(
+        tmp_path, capsys, monkeypatch, no_backoff):
+    monkeypatch.setattr(FailsCheckpoints, "failing", set(range(4, 100)))
+    run = tmp_path / "run"
+    with pytest.raises(EngineError, match=rf"checkpoint writes to {run}/checkpoints failed 3 times in a row.*"
+                                          rf"continue with: raydistill distill --resume {run}"):
+        distill(tiny(), run, in_process=True, progress=False, evaluate=False, server_cls=FailsCheckpoints)
+    assert not (run / "distilled.parquet").exists()
+    summary = distill(None, run, resume=True, in_process=True, progress=False, evaluate=False)
+    assert summary["status"]["step"] == 8 and metric_steps(run) == list(range(1, 9))
+    distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
+    assert torch.equal(artifact.read_distilled(run).images, artifact.read_distilled(tmp_path / "straight").images)
+
+
+@needs_fashion
+def test_an_unwritable_run_directory_is_one_line_with_the_resume_command(tmp_path, capsys, monkeypatch, no_backoff):
+    def refuse(path, obj):
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(driver, "append_jsonl", refuse)
+    run = tmp_path / "run"
+    assert main(["distill", "--in-process", "--quiet", "--no-eval", "--out", str(run),
+                 *(f"--set={s}" for s in TINY)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"raydistill: error: cannot write {run}/metrics.jsonl: Operation not permitted")
+    assert err.endswith(f"continue with: raydistill distill --resume {run}")
+
+
+@needs_fashion
+def test_ctrl_c_prints_the_resume_command(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "distill", "--in-process", "--quiet", "--no-eval",
+                             "--out", str(run), "--set=steps=400", *(f"--set={s}" for s in TINY[1:])],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert err.strip().splitlines()[-1] == f"raydistill: run interrupted; continue it with: raydistill distill --resume {run}"

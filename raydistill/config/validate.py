@@ -91,6 +91,7 @@ def _validate_ray(cfg: DistillConfig) -> None:
     positive(rc.worker_threads, "ray.worker_threads")
     positive(rc.placement_timeout_s, "ray.placement_timeout_s")
     positive(rc.max_consecutive_failures, "ray.max_consecutive_failures")
+    positive(rc.write_retries, "ray.write_retries")
 
 
 def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, num_val: int) -> None:

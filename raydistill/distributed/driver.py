@@ -17,6 +17,7 @@ next, so no step is lost or applied twice. A killed driver continues with `--res
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -97,11 +98,47 @@ class Run:
                 self.notes_shown.add(note)
                 warnings.warn(note, CheckpointWarning, stacklevel=2)
         step = status["step"]
-        keep_metrics_up_to(self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
+        self.write(keep_metrics_up_to, self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
         return step
 
     def record(self, record: dict) -> None:
-        append_jsonl(self.run / rundir.METRICS, record)
+        self.write(append_jsonl, self.run / rundir.METRICS, record)
+
+    def write(self, fn, path: Path, *args) -> None:
+        """A driver-side write, retried with backoff; past ray.write_retries it stops the run in one line."""
+        for attempt in range(1, self.cfg.ray.write_retries + 1):
+            try:
+                return fn(path, *args)
+            except OSError as exc:
+                error = f"{exc.strerror or exc} ({exc.filename or path})"
+                if attempt == self.cfg.ray.write_retries:
+                    raise EngineError(f"cannot write {path}: {error}, {attempt} tries; fix the storage, then "
+                                      f"continue with: {rundir.resume_command(self.run)}") from None
+                tqdm.write(f"raydistill: writing {path} failed ({error}); retrying ({attempt}/"
+                           f"{self.cfg.ray.write_retries})", file=sys.stderr)
+                time.sleep(backoff(attempt))
+
+    def check_checkpoint(self, report: dict) -> None:
+        """The server reports a failed checkpoint write instead of raising; warn, back off, and give up past
+        ray.write_retries failures in a row (the last good checkpoint stays usable)."""
+        if report.get("checkpoint_error") is None:
+            return
+        failures = report["checkpoint_failures"]
+        where = self.run / rundir.CHECKPOINTS
+        if failures >= self.cfg.ray.write_retries:
+            raise EngineError(f"checkpoint writes to {where} failed {failures} times in a row "
+                              f"({report['checkpoint_error']}); fix the storage, then continue with: "
+                              f"{rundir.resume_command(self.run)}")
+        tqdm.write(f"raydistill: checkpoint write failed at step {report['step']} ({report['checkpoint_error']}); "
+                   f"retrying at the next step ({failures}/{self.cfg.ray.write_retries})", file=sys.stderr)
+        time.sleep(backoff(failures))
+
+    def flush_checkpoint(self) -> None:
+        """At the end of a run, a checkpoint that failed is written again (with backoff) or the run stops."""
+        while (error := self.backend.get(self.ps.flush.remote())) is not None:
+            status = self.backend.get(self.ps.status.remote())
+            self.check_checkpoint({"checkpoint_error": error, "step": status["step"],
+                                   "checkpoint_failures": status["checkpoint_failures"]})
 
     def maybe_validate(self, step: int) -> None:
         every = self.cfg.eval.every
@@ -148,13 +185,13 @@ class Run:
                 raise EngineError(
                     f"workers lost their resources (a node left the cluster?) and could not be placed again within "
                     f"ray.placement_timeout_s={self.cfg.ray.placement_timeout_s:g} s; add capacity, then continue "
-                    f"with: raydistill distill --resume {self.run}")
+                    f"with: {rundir.resume_command(self.run)}")
 
     def failed(self, exc: Exception) -> None:
         self.failures += 1
         if self.failures > self.cfg.ray.max_consecutive_failures:
             raise EngineError(f"{self.failures} consecutive failures, the last: {str(exc).splitlines()[0]}; "
-                              f"fix the cause, then continue with: raydistill distill --resume {self.run}") from exc
+                              f"fix the cause, then continue with: {rundir.resume_command(self.run)}") from exc
         time.sleep(min(0.1 * self.failures, 2.0))
 
     def placement_report(self) -> list[dict]:
@@ -198,6 +235,7 @@ class Run:
                       "worker_seconds": [round(w["seconds"], 4) for w in workers],
                       "seconds": round(time.perf_counter() - began, 4)}
             self.record(record)
+            self.check_checkpoint(report)
             self.maybe_validate(step)
             self.after_step(bar, record, live=report["used"])
 
@@ -237,6 +275,7 @@ class Run:
                       "staleness": report["staleness"], "dropped_stale": report["dropped"]["stale"],
                       "dropped_nonfinite": report["dropped"]["nonfinite"]}
             self.record(record)
+            self.check_checkpoint(report)
             self.maybe_validate(step)
             self.after_step(bar, record, live=len(inflight))
         for ref in inflight:
@@ -249,6 +288,11 @@ class Run:
             postfix["val"] = f"{acc:.1f}@{step}"
         bar.set_postfix(postfix)
         bar.update(record["step"] - bar.n)
+
+
+def backoff(attempt: int) -> float:
+    """Seconds to wait before write attempt `attempt + 1`: 0.5, 1, 2, 4, then 8 at most."""
+    return min(0.5 * 2 ** (attempt - 1), 8.0)
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
@@ -307,6 +351,7 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
             began = time.perf_counter()
             (job.sync_loop if cfg.ray.mode == "sync" else job.async_loop)(bar)
             job.collect_validations(wait=True)
+            job.flush_checkpoint()
             bar.close()
             result = job.backend.get(job.ps.result.remote())
             status = {**job.backend.get(job.ps.status.remote()), "placement": job.placement_report()}

@@ -62,6 +62,7 @@ class ParameterServer:
         self.best: dict | None = None  # {"step", "val_acc", "learnables"}
         self.slot_states: dict[int, dict[str, np.ndarray]] = {}  # each worker slot's method state after its last task
         self.restored_step: int | None = None
+        self.checkpoint_failures = 0  # failed checkpoint writes in a row
         with warnings.catch_warnings(record=True) as caught:  # surfaced to the driver through status()
             warnings.simplefilter("always", CheckpointWarning)
             found = latest_checkpoint(self.checkpoints)
@@ -129,10 +130,31 @@ class ParameterServer:
             self.version += 1
             self.applied_steps.append(step)
         self._publish()
-        if self.step % self.cfg.ray.checkpoint_every == 0 or self.step == self.cfg.steps:
-            self.checkpoint()
+        due = self.step % self.cfg.ray.checkpoint_every == 0 or self.step == self.cfg.steps
+        error = self._checkpoint_if(due or self.checkpoint_failures > 0)
         return {"accepted": True, "step": self.step, "applied": applied, "grad_norm": grad_norm, "used": used,
-                "dropped": dict(self.dropped), "version": self.version}
+                "dropped": dict(self.dropped), "version": self.version, "checkpoint_error": error,
+                "checkpoint_failures": self.checkpoint_failures}
+
+    def _checkpoint_if(self, needed: bool) -> str | None:
+        """Write a checkpoint when one is due or an earlier one failed; a failed write is reported, never raised.
+
+        The step is applied either way, so the step and its report stay one unit: the driver records it, and it is
+        the driver that retries (with backoff, on the next steps) and gives up after ray.write_retries failures.
+        """
+        if not needed:
+            return None
+        try:
+            self.checkpoint()
+        except OSError as exc:
+            self.checkpoint_failures += 1
+            return f"{exc.strerror or exc} ({exc.filename or self.checkpoints})"
+        self.checkpoint_failures = 0
+        return None
+
+    def flush(self) -> str | None:
+        """A last checkpoint when the newest one failed (the end of a run); the error, or None."""
+        return self._checkpoint_if(self.checkpoint_failures > 0)
 
     # ------------------------------------------------------------------------------------------ best snapshot
 
@@ -153,7 +175,8 @@ class ParameterServer:
     def status(self) -> dict:
         return {"step": self.step, "version": self.version, "applied_steps": list(self.applied_steps),
                 "dropped": dict(self.dropped), "skipped": self.meta.skipped, "restored_step": self.restored_step,
-                "best_val_acc": None if self.best is None else self.best["val_acc"], "notes": list(self.notes)}
+                "best_val_acc": None if self.best is None else self.best["val_acc"], "notes": list(self.notes),
+                "checkpoint_failures": self.checkpoint_failures}
 
     # ------------------------------------------------------------------------------------------ checkpoints
 

@@ -38,6 +38,14 @@ def stage_dir(run_dir: Path, index: int) -> Path:
     return Path(run_dir) / f"stage-{index + 1}"
 
 
+def resume_command(run_dir: str | Path) -> str:
+    """The command that continues the run in `run_dir` (the whole boosted run, for one of its stages)."""
+    path = Path(run_dir)
+    if path.name.startswith("stage-") and (path.parent / CONFIG).is_file():
+        return f"raydistill boost --resume {path.parent}"
+    return f"raydistill distill --resume {path}"
+
+
 def check_fresh(run_dir: str | Path) -> Path:
     """The path of a run directory to create: missing or an empty folder; anything else is refused, untouched."""
     path = Path(run_dir)
