@@ -161,6 +161,7 @@ def test_export_refuses_a_directory_and_an_existing_file_unless_forced(tmp_path,
 # ---------------------------------------------------------------------------------------------- trusted storage
 
 import os  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -283,3 +284,32 @@ def test_ctrl_c_prints_the_resume_command(tmp_path):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130
     assert err.strip().splitlines()[-1] == f"raydistill: run interrupted; continue it with: raydistill distill --resume {run}"
+
+
+# ---------------------------------------------------------------------------------------------- a closed local Ray
+
+
+@pytest.mark.slow
+def test_the_embedded_ray_listens_on_loopback_only_with_authentication_on(tmp_path):
+    """The Ray `raydistill distill` starts for itself: every node address is 127.0.0.1, and Ray's token
+    authentication is left at its default (on) — the environment here does not switch it off."""
+    script = (
+        "import json, ray\n"
+        "from raydistill.distributed.cluster import connect\n"
+        "connect(None)\n"
+        "print(json.dumps({'node': ray.nodes()[0]['NodeManagerAddress'],\n"
+        "                  'gcs': ray.get_runtime_context().gcs_address,\n"
+        "                  'task': ray.get(ray.remote(lambda: 1).remote())}))\n"
+        "ray.shutdown()\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
+                                                           "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", script], env={**env, "HOME": str(tmp_path)}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["node"] == "127.0.0.1" and found["gcs"].startswith("127.0.0.1:") and found["task"] == 1
+
+
+def test_make_demo_does_not_switch_ray_authentication_off():
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    assert not [line for line in makefile.splitlines() if "RAY_AUTH_MODE" in line and not line.lstrip().startswith("#")]

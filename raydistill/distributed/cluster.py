@@ -2,14 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
 import ray
+import ray._private.ray_constants as ray_constants
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from raydistill.config import ConfigError, RayConfig
+
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def loopback_only(enabled: bool):
+    """Keep Ray from rewriting 127.0.0.1 to this machine's network address while it starts or joins.
+
+    Ray "resolves" a loopback node address to a remotely reachable one wherever multi-node clusters are enabled
+    (ray_constants.ENABLE_RAY_CLUSTER, the switch behind RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER); with the node on
+    127.0.0.1 its GCS, raylet and workers then listen on loopback only. Once the node exists Ray asks it for its
+    address, so the switch is needed only during ray.init.
+    """
+    if not enabled:
+        yield
+        return
+    before = getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def connect(address: str | None) -> bool:
@@ -22,8 +47,9 @@ def connect(address: str | None) -> bool:
     target = address or os.environ.get("RAY_ADDRESS") or ""
     local = not target or target.split("://")[-1].startswith(("127.", "localhost"))
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
-                 **({"_node_ip_address": "127.0.0.1"} if local else {}))
+        with loopback_only(local):
+            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                     **({"_node_ip_address": LOOPBACK} if local else {}))
     except ConnectionError as exc:
         raise ConfigError(f"ray.address: cannot reach a Ray cluster at {address!r} ({exc}); start one with "
                           "'ray start --head' or leave ray.address unset for a local Ray") from None
