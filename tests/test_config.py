@@ -31,7 +31,10 @@ BAD_OVERRIDES = [
     (["ratbptt.window=ten"], "ratbptt.window"),
     (["labels.learn=maybe"], "labels.learn"),
     (["eval.archs=[convnet, mlp9]"], "eval.archs[1]"),
-    (["augment.strategies=[flip, cutout]"], "augment.strategies[1]"),
+    (["augment.strategies=[flip, mixup]"], "augment.strategies[1]"),
+    (["augment.crop_pad=0.75"], "augment.crop_pad"),
+    (["meta.optimizer=lion"], "meta.optimizer"),
+    (["meta.optimizer=sgd", "meta.momentum=1.0"], "meta.momentum"),
     (["model.norm=layer"], "model.norm"),
     (["device=tpu"], "device"),
 ]

@@ -12,7 +12,8 @@ from typing import Any
 
 INIT_MODES = ("noise", "real")
 NORMS = ("instance", "batch", "none")
-AUGMENTATIONS = ("flip", "rotate")
+AUGMENTATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")  # DSA's (Zhao & Bilen, ICML 2021)
+META_OPTIMIZERS = ("adam", "sgd")
 EVAL_RECIPES = ("adam", "sgd")
 BASELINES = ("random", "herding", "kcenter")  # real-image coresets every report shows beside the distilled set
 RAY_MODES = ("sync", "async")
@@ -39,9 +40,11 @@ class ModelConfig:
 
 @dataclass
 class MetaOptConfig:
+    optimizer: str = "adam"  # adam, or sgd (with momentum; the image updates DM, DC, DSA and CAFE publish)
     lr: float = 1e-3
+    momentum: float = 0.5  # sgd only: torch.optim.SGD's momentum (no dampening, no Nesterov)
     label_lr_scale: float = 1.0  # learned labels step at lr * label_lr_scale
-    clip_factor: float = 2.0  # clip the meta-gradient norm to clip_factor x EMA of past norms
+    clip_factor: float = 2.0  # clip the meta-gradient norm to clip_factor x EMA of past norms (0: never clip)
     ema_decay: float = 0.9
 
 
@@ -52,8 +55,16 @@ class LabelConfig:
 
 @dataclass
 class AugmentConfig:
+    """Differentiable augmentation (raydistill.data.augment); the defaults of the ratios are DSA's published ones."""
+
     strategies: list[str] = field(default_factory=lambda: ["flip", "rotate"])  # one drawn per batch
-    rotate_degrees: float = 15.0
+    rotate_degrees: float = 15.0  # rotate: an angle from [-rotate_degrees, rotate_degrees]
+    brightness: float = 1.0  # color: add a constant from [-brightness/2, brightness/2)
+    saturation: float = 2.0  # color: scale the deviation from the mean over channels by a factor from [0, saturation)
+    contrast: float = 0.5  # color: scale the deviation from the image's mean by a factor from [contrast, contrast+1)
+    crop_pad: float = 0.125  # crop: translate by whole pixels, up to crop_pad x the image size each way (zero fill)
+    cutout_size: float = 0.5  # cutout: zero a square whose side is cutout_size x the image's side
+    scale_ratio: float = 1.2  # scale: resample each axis at a factor from [1/scale_ratio, scale_ratio] (>1 shrinks)
 
 
 @dataclass

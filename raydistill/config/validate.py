@@ -9,7 +9,8 @@ import torch
 
 from raydistill.config.checks import at_least, choice, in_range, positive
 from raydistill.config.errors import ConfigError
-from raydistill.config.schema import AUGMENTATIONS, BASELINES, EVAL_RECIPES, INIT_MODES, NORMS, RAY_MODES, DistillConfig
+from raydistill.config.schema import (AUGMENTATIONS, BASELINES, EVAL_RECIPES, INIT_MODES, META_OPTIMIZERS, NORMS,
+                                      RAY_MODES, DistillConfig)
 from raydistill.data.registry import DATASETS, Dataset, load_dataset, resolve_root
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS, create_model
@@ -33,14 +34,14 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
 
     get_method(cfg.method).validate(cfg.method_config, cfg)
 
+    choice(cfg.meta.optimizer, META_OPTIMIZERS, "meta.optimizer")
     positive(cfg.meta.lr, "meta.lr")
+    in_range(cfg.meta.momentum, 0, 1, "meta.momentum")
     positive(cfg.meta.label_lr_scale, "meta.label_lr_scale")
-    positive(cfg.meta.clip_factor, "meta.clip_factor")
+    at_least(cfg.meta.clip_factor, 0, "meta.clip_factor")
     in_range(cfg.meta.ema_decay, 0, 1, "meta.ema_decay")
 
-    for i, s in enumerate(cfg.augment.strategies):
-        choice(s, AUGMENTATIONS, f"augment.strategies[{i}]")
-    at_least(cfg.augment.rotate_degrees, 0, "augment.rotate_degrees")
+    _validate_augment(cfg)
     choice(cfg.init.mode, INIT_MODES, "init.mode")
     _validate_eval(cfg)
 
@@ -49,6 +50,19 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
         positive(stage.steps, f"boost.stages[{i}].steps")
         in_range(stage.beta, 0, 1, f"boost.stages[{i}].beta", high_open=False, why=" (0 freezes earlier blocks)")
     _validate_ray(cfg)
+
+
+def _validate_augment(cfg: DistillConfig) -> None:
+    a = cfg.augment
+    for i, s in enumerate(a.strategies):
+        choice(s, AUGMENTATIONS, f"augment.strategies[{i}]")
+    in_range(a.rotate_degrees, 0, 180, "augment.rotate_degrees", high_open=False)
+    at_least(a.brightness, 0, "augment.brightness")
+    at_least(a.saturation, 0, "augment.saturation")
+    at_least(a.contrast, 0, "augment.contrast")
+    in_range(a.crop_pad, 0, 0.5, "augment.crop_pad", high_open=False, why=" (a fraction of the image size)")
+    in_range(a.cutout_size, 0, 1, "augment.cutout_size", high_open=False, why=" (a fraction of the image side)")
+    at_least(a.scale_ratio, 1, "augment.scale_ratio")
 
 
 def _validate_data(cfg: DistillConfig, check_paths: bool) -> None:

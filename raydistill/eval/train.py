@@ -77,7 +77,7 @@ def train_network(
     model.train()
     for _ in range(steps):
         idx = torch.randperm(x.shape[0], generator=rng)[:batch].to(x.device)
-        xb = augment(x[idx], rng, aug.strategies, aug.rotate_degrees)
+        xb = augment(x[idx], rng, aug)
         loss = soft_cross_entropy(model(xb), targets[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()

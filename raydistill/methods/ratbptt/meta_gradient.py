@@ -123,7 +123,7 @@ def unrolled_meta_loss(
         if idx is not None:
             idx = idx.to(x.device)
             x, targets = x[idx], targets[idx]
-        x = augment(x, rng, aug.strategies, aug.rotate_degrees)
+        x = augment(x, rng, aug)
         return soft_cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), targets)
 
     # Prefix: ordinary training steps. Gradients go to the network only, never into the synthetic set.
@@ -145,7 +145,7 @@ def unrolled_meta_loss(
         params, state = opt.step(params, list(grads), state)
 
     pick = torch.randperm(real_x.shape[0], generator=rng)[: cfg.real_batch].to(real_x.device)
-    x_real = augment(real_x[pick], rng, aug.strategies, aug.rotate_degrees)
+    x_real = augment(real_x[pick], rng, aug)
     logits = functional_call(model, dict(zip(names, params)), (x_real.to(images.dtype),))
     return F.cross_entropy(logits, real_y[pick]), start, window
 
