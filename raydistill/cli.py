@@ -15,6 +15,7 @@ from raydistill.distributed.boost import boost, evaluate_budgets
 from raydistill.distributed.driver import EngineError, distill
 from raydistill.distributed.results import run_evaluation
 from raydistill.io.artifact import ArtifactError, read_distilled, write_distilled
+from raydistill.io.console import console
 from raydistill.io.summary import summarise
 from raydistill.io.run_dir import ARTIFACT, CONFIG, load_run, targets_of
 from raydistill.methods.registry import get_method
@@ -36,6 +37,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-set evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_log_every(p)
     p.add_argument("--in-process", action="store_true",
                    help="run the server and workers in this process instead of on Ray (debugging, notebooks)")
 
@@ -62,6 +64,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--models", type=int, help="networks per architecture (default: the run's eval.num_models)")
     p.add_argument("--budgets", help="evaluate the nested prefixes of these IPCs, e.g. 1,2,5,10 (boosted sets)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_log_every(p)
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds >= 0, e.g. 30")
+    return value
+
+
+def _add_log_every(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--log-every", type=_seconds, metavar="SECONDS",
+                   help="when the output is not a terminal (a log file, a Ray job), one compact progress line "
+                        "every SECONDS instead of a progress bar (default: 30)")
 
 
 def _add_tune(sub: argparse._SubParsersAction) -> None:
@@ -240,7 +259,8 @@ COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show"
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with console(getattr(args, "log_every", None)):
+            return COMMANDS[args.command](args)
     except (ConfigError, DataError, ArtifactError) as exc:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 2

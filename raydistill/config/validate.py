@@ -9,6 +9,7 @@ import torch
 
 from raydistill.config.checks import at_least, choice, in_range, positive
 from raydistill.config.errors import ConfigError
+from raydistill.config.trackers import parse_trackers
 from raydistill.config.schema import (AUGMENTATIONS, BASELINES, EVAL_RECIPES, INIT_MODES, META_OPTIMIZERS, NORMS,
                                       RAY_MODES, DistillConfig)
 from raydistill.data.registry import DATASETS, Dataset, load_dataset, resolve_root
@@ -24,6 +25,7 @@ def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
     at_least(cfg.threads, 0, "threads")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
+    cfg.trackers = parse_trackers(cfg.trackers)  # names become {name: ...} entries
     _validate_data(cfg, check_paths)
 
     m = cfg.model

@@ -29,16 +29,20 @@ from tqdm import tqdm
 
 from raydistill.config import DistillConfig
 from raydistill.config.loading import config_to_dict
+from raydistill.config.trackers import check_usable
 from raydistill.config.validate import load_checked
+from raydistill.data.registry import Dataset
 from raydistill.distributed.backend import BACKENDS
 from raydistill.distributed.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
 from raydistill.distributed.results import finish
 from raydistill.distributed.server import ParameterServer
 from raydistill.distributed.validator import VALIDATOR_GPU_SHARE, Validator, validator_options
+from raydistill.distributed.watch import RunWatch
 from raydistill.distributed.worker import GradientWorker
 from raydistill.io import run_dir as rundir
 from raydistill.io.atomic import append_jsonl, atomic_write_text
 from raydistill.io.checkpoint import CheckpointWarning
+from raydistill.io.progress import progress_bar
 from raydistill.methods.registry import get_method
 from raydistill.synset.synthetic import SyntheticSet, init_synthetic
 
@@ -66,8 +70,9 @@ class Run:
     """The actors of one run and the driver-side bookkeeping (metrics, pending validations)."""
 
     def __init__(self, cfg: DistillConfig, run: Path, syn: SyntheticSet, backend: str, placement,
-                 worker_cls: type, server_cls: type, on_validation: ValidationHook | None = None):
+                 worker_cls: type, server_cls: type, dataset: Dataset, on_validation: ValidationHook | None = None):
         self.cfg, self.run, self.placement, self.on_validation = cfg, run, placement, on_validation
+        self.watch = RunWatch(cfg, run, dataset)  # TensorBoard and trackers
         self.backend = BACKENDS[backend]
         self.cfg_dict = config_to_dict(cfg)
         on_ray = backend == "ray"
@@ -99,6 +104,7 @@ class Run:
                 warnings.warn(note, CheckpointWarning, stacklevel=2)
         step = status["step"]
         self.write(keep_metrics_up_to, self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
+        self.watch.restart(step)
         return step
 
     def record(self, record: dict) -> None:
@@ -144,8 +150,10 @@ class Run:
         every = self.cfg.eval.every
         if every and (step % every == 0 or step == self.cfg.steps):
             # Owned by the driver: it survives a server restart.
-            snapshot = self.backend.put(snapshot_for_validation(self.backend.get(self.ps.current.remote())))
+            current = snapshot_for_validation(self.backend.get(self.ps.current.remote()))
+            snapshot = self.backend.put(current)
             self.pending[self.validator.validate.remote(snapshot)] = (step, snapshot)
+            self.watch.images(step, current)
 
     def collect_validations(self, wait: bool = False) -> list[tuple[int, float]]:
         done = []
@@ -159,6 +167,7 @@ class Run:
                 acc = self.backend.get(ref)
                 self.backend.get(self.ps.offer_best.remote(step, acc, snapshot))
                 self.record({"step": step, "val_acc": acc})
+                self.watch.validation(step, acc)
                 done.append((step, acc))
                 if self.on_validation is not None:
                     self.on_validation(step, acc, self.backend.get(self.ps.status.remote())["best_val_acc"])
@@ -190,7 +199,7 @@ class Run:
     def failed(self, exc: Exception) -> None:
         self.failures += 1
         if self.failures > self.cfg.ray.max_consecutive_failures:
-            raise EngineError(f"{self.failures} consecutive failures, the last: {str(exc).splitlines()[0]}; "
+            raise EngineError(f"{self.failures} consecutive failures, the last: {root_cause(exc)}; "
                               f"fix the cause, then continue with: {rundir.resume_command(self.run)}") from exc
         time.sleep(min(0.1 * self.failures, 2.0))
 
@@ -201,6 +210,7 @@ class Run:
     def shutdown(self) -> None:
         for actor in [self.ps, *self.workers, *([self.validator] if self.validator is not None else [])]:
             self.backend.kill(actor)
+        self.watch.close()
         if self.placement is not None:
             self.placement.remove()
 
@@ -282,12 +292,22 @@ class Run:
             self.backend.cancel(ref)
 
     def after_step(self, bar: tqdm, record: dict, live: int) -> None:
-        """Progress: steps/s and ETA come from tqdm; live = workers whose gradient arrived (sync) or in flight."""
+        """Progress (bar or lines, with steps/s and ETA) and TensorBoard; live = workers whose gradient arrived
+        (sync) or in flight (async)."""
+        self.watch.step(record)
         postfix = {"meta_loss": f"{record['meta_loss']:.3f}", "workers": f"{live}/{len(self.workers)}"}
         for step, acc in self.collect_validations():
             postfix["val"] = f"{acc:.1f}@{step}"
-        bar.set_postfix(postfix)
+        bar.set_postfix(postfix, refresh=False)
         bar.update(record["step"] - bar.n)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The innermost error of a (chain of) Ray task errors, in one line: `KeyError: 'x'`, not Ray's task header."""
+    while getattr(exc, "cause", None) is not None:  # RayTaskError wraps the task's own exception (and its inputs')
+        exc = exc.cause
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
 
 
 def backoff(attempt: int) -> float:
@@ -329,6 +349,7 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
     else:
         rundir.check_fresh(run)  # raises: an existing run (or a file) is never written into
     dataset = load_checked(cfg)  # data problems surface before anything is created
+    check_usable(cfg.trackers)  # the trackers' packages (and a W&B key) are on this machine
     backend = "local" if in_process else "ray"
     started = False if in_process else connect(cfg.ray.address)
     try:
@@ -340,17 +361,17 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
                 run = rundir.prepare(run)
                 rundir.write_config(run, cfg)
             syn = initial if initial is not None else init_synthetic(cfg, dataset, get_method(cfg.method))
-            job = Run(cfg, run, syn, backend, placement, worker_cls, server_cls, on_validation)
+            job = Run(cfg, run, syn, backend, placement, worker_cls, server_cls, dataset, on_validation)
         except BaseException:
             if placement is not None:
                 placement.remove()
             raise
         try:
-            bar = tqdm(total=cfg.steps, desc=f"distill ({cfg.ray.mode}, K={cfg.ray.workers})", unit="step",
-                       disable=not progress, dynamic_ncols=True)
+            bar = progress_bar(cfg.steps, f"distill ({cfg.ray.mode}, K={cfg.ray.workers})", enabled=progress)
             began = time.perf_counter()
             (job.sync_loop if cfg.ray.mode == "sync" else job.async_loop)(bar)
-            job.collect_validations(wait=True)
+            for step, acc in job.collect_validations(wait=True):
+                bar.set_postfix(val=f"{acc:.1f}@{step}")
             job.flush_checkpoint()
             bar.close()
             result = job.backend.get(job.ps.result.remote())

@@ -8,13 +8,13 @@ import numpy as np
 import ray
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from raydistill.config import DistillConfig
 from raydistill.data.registry import Dataset
 from raydistill.distributed.evaluation import evaluation_report_on_ray
 from raydistill.eval.report import evaluation_report, format_report, network_count
 from raydistill.io import run_dir as rundir
+from raydistill.io.progress import progress_bar
 from raydistill.runtime import resolve_device
 
 EVAL_GPU_SHARE = 0.25  # one evaluation network is small: four share a GPU
@@ -45,8 +45,7 @@ def run_evaluation(run: Path, images: Tensor, targets: Tensor, cfg: DistillConfi
     """
     archs = archs or cfg.eval.archs
     n = num_models or cfg.eval.num_models
-    bar = tqdm(total=network_count(cfg, archs, n), desc="evaluate", unit="net",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(network_count(cfg, archs, n), "evaluate", unit="net", enabled=progress)
     if on_ray and ray.is_initialized():
         gpus = {"num_gpus": EVAL_GPU_SHARE, "num_cpus": 1, "max_retries": 3} if ray.cluster_resources().get("GPU", 0) > 0 else None
         report = evaluation_report_on_ray(images, targets, cfg.ipc, dataset, cfg, archs, n, split="test",

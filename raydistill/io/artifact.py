@@ -358,8 +358,8 @@ def to_display(images: Any, mean: Any, std: Any, zca_inverse: Callable | None = 
     return np.clip(x.astype(np.float32) * std + mean, 0.0, 1.0)
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int, padding: int = 2, pad_value: float = 1.0) -> None:
-    """Write images (n, C, H, W) in [0, 1], C = 1 or 3, as a PNG grid of `nrow` images per row, atomically.
+def grid_pixels(images: np.ndarray, nrow: int, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
+    """Images (n, C, H, W) in [0, 1], C = 1 or 3, as one uint8 picture (height, width, C), `nrow` images per row.
 
     The picture is min(nrow, n) * (W + padding) + padding pixels wide and rows * (H + padding) + padding high.
     """
@@ -375,7 +375,13 @@ def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int, padding: i
     for i, img in enumerate(images):
         top, left = padding + (i // cols) * (h + padding), padding + (i % cols) * (w + padding)
         grid[top : top + h, left : left + w] = img.transpose(1, 2, 0)
-    pixels = np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+    return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
+
+
+def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int, padding: int = 2, pad_value: float = 1.0) -> None:
+    """Write images (n, C, H, W) in [0, 1] as a PNG grid (see grid_pixels), atomically."""
+    pixels = grid_pixels(images, nrow, padding, pad_value)
+    c = pixels.shape[2]
     from PIL import Image  # only pictures need PIL
 
     picture = Image.fromarray(pixels[:, :, 0] if c == 1 else pixels, mode="L" if c == 1 else "RGB")

@@ -17,6 +17,7 @@ from raydistill.io.artifact import (
     METRICS_FILE,
     DistilledSet,
     read_distilled,
+    grid_pixels,
     save_grid,
     to_display,
     write_distilled,
@@ -125,10 +126,20 @@ def save_distilled(
     if dataset.zca is not None:
         write_zca(run_dir, dataset.zca.to_arrays())
     write_distilled(run_dir / ARTIFACT, dset)
-    zca_inverse = None if dataset.zca is None else (lambda x: dataset.zca.inverse(torch.as_tensor(x)).numpy())
-    display = to_display(images.numpy(), dataset.mean, dataset.std, zca_inverse)
-    save_grid(run_dir / GRID, stretch(display[grid_order(dset.labels)]), nrow=dataset.num_classes)
+    save_grid(run_dir / GRID, grid_images(images, dset.labels, dataset), nrow=dataset.num_classes)
     return dset
+
+
+def grid_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset) -> np.ndarray:
+    """Training-space images as viewable ones in grid order (one column per class), each stretched to [0, 1]."""
+    zca_inverse = None if dataset.zca is None else (lambda x: dataset.zca.inverse(torch.as_tensor(x)).numpy())
+    display = to_display(images.detach().float().cpu().numpy(), dataset.mean, dataset.std, zca_inverse)
+    return stretch(display[grid_order(labels.cpu())])
+
+
+def display_grid(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset) -> np.ndarray:
+    """The run's image grid as uint8 pixels (height, width, C): what grid.png shows, for TensorBoard."""
+    return grid_pixels(grid_images(images, labels, dataset), nrow=dataset.num_classes)
 
 
 def grid_order(labels: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from raydistill.config import DistillConfig
+from raydistill.io.tensorboard import TENSORBOARD, tensorboard_command
 from raydistill.io.artifact import BUDGETS_FILE, EVAL_FILE, METRICS_FILE, ArtifactError, read_distilled
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}  # any other section is the method's
@@ -103,4 +104,6 @@ def summarise(run_dir: str | os.PathLike) -> str:
         last = _last_metrics(run / METRICS_FILE)
         if last is not None:
             lines.append(f"last:     {last}")
+    if any(run.glob(f"**/{TENSORBOARD}")):  # the run's own, or a boosted run's stages
+        lines.append(f"curves:   {tensorboard_command(run)}  (pip install tensorboard to view)")
     return "\n".join(lines)

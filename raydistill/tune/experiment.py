@@ -21,10 +21,12 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raydistill.config import ConfigError, DistillConfig
+from raydistill.config.trackers import check_usable, merged
 from raydistill.distributed.cluster import connect, worker_resources
 from raydistill.tune.report import params_text, write_outputs
 from raydistill.tune.space import corners, describe_space, make_searcher, planned_trials, search_space
 from raydistill.tune.sweep import RUNG_METRIC, TIME_ATTR, Sweep, load_sweep, total_steps
+from raydistill.tune.trackers import make_callbacks
 from raydistill.tune.trial import run_trial, sample_resources
 
 SWEEP_RECORD = "sweep.yaml"  # in the experiment folder: the sweep file the experiment was started from
@@ -96,6 +98,8 @@ def build_tuner(sweep: Sweep, samples: list[tuple[dict, DistillConfig]], resume:
     )
     if resume:
         return tune.Tuner.restore(sweep.experiment_path(), trainable=trainable, resume_errored=True)
+    trackers = merged(samples[0][1].trackers, sweep.trackers)  # the base config's, and the sweep file's
+    check_usable(trackers)
     name = functools.partial(trial_name, first=0 if sweep.searcher == "basic" else 1)
     return tune.Tuner(
         trainable,
@@ -112,6 +116,7 @@ def build_tuner(sweep: Sweep, samples: list[tuple[dict, DistillConfig]], resume:
             storage_path=sweep.storage_uri(),
             failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            callbacks=make_callbacks(trackers, sweep.name),
             verbose=verbose,
         ),
     )

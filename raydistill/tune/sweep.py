@@ -18,6 +18,7 @@ import yaml
 
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.loading import config_from_dict, read_preset, set_dotted
+from raydistill.config.trackers import check_usable, parse_trackers
 from raydistill.synset.boost import cumulative_budgets, schedule
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -29,7 +30,7 @@ RUNG_METRIC = "val_acc"  # what every report carries (ASHA compares trials on it
 TOTAL_ATTR = "total_steps"  # every report of a trial that runs: its meta-steps in all (reached: done)
 REJECTED = "rejected"  # the report key of a rejected sample: the validator's reason
 SWEEP_KEYS = ("name", "base", "set", "search", "searcher", "num_samples", "seed", "metric", "scheduler",
-              "max_concurrent_trials", "head_cpus", "max_failures", "storage", "boost")
+              "max_concurrent_trials", "head_cpus", "max_failures", "storage", "boost", "trackers")
 
 
 @dataclasses.dataclass
@@ -50,6 +51,7 @@ class Sweep:
     max_failures: int = 2
     storage: str = "runs/tune"
     boost: dict | None = None  # {block, blocks, beta, steps_per_block, budgets}: every trial is a Boost-DD run
+    trackers: list[dict] = dataclasses.field(default_factory=list)  # Tune logger callbacks (config/trackers.py)
     source: str = ""
 
     @property
@@ -116,6 +118,8 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     if raw.get("boost") is not None:
         sweep.boost = _parse_boost(raw["boost"])
     sweep.metric = str(raw.get("metric", RUNG_METRIC))
+    sweep.trackers = parse_trackers(raw.get("trackers"))
+    check_usable(sweep.trackers)
     _check_metric(sweep)
     for key in search:
         if key in fixed:

@@ -10,6 +10,7 @@ a checkpoint of the run directory; a failed trial restarts from the last of thos
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -149,11 +150,16 @@ def budget_accuracies(run: Path, cfg: DistillConfig, budgets: list[int], placeme
     return accs
 
 
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+
+
 def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None:
     """The Tune trainable: one distillation or boosting run in this trial's placement group.
 
     `config` holds the sample (dotted key -> value), `sweep` the checked sweep file (as a dict, so it pickles).
     """
+    for name in QUIET_LOGGERS:  # Tune's checkpoint notices: one per report, in every trial's output
+        logging.getLogger(name).setLevel(logging.WARNING)
     spec = Sweep(**sweep)
     try:
         cfg, budgets = checked_config(spec, {key: config[key] for key in spec.search})
@@ -161,6 +167,7 @@ def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None
         # Returning (not raising) keeps the trial out of Tune's error count and max_failures retries.
         tune.report({RUNG_METRIC: WORST_SCORE, spec.metric: WORST_SCORE, TIME_ATTR: 0, REJECTED: str(exc)})
         return
+    cfg.trackers = []  # the sweep's Tune callbacks log this trial; its run would log it twice
     run = Path.cwd() / RUN
     resume = restore_run(run)
     placement = TrialPlacement(ray.util.get_current_placement_group(), first=0 if spec.head_cpus <= 0 else 1,

@@ -1,0 +1,46 @@
+"""A driver for tests/test_watching.py: `raydistill distill` as a Ray job would run it, one worker killed mid-run.
+
+Usage: python log_scenario.py RUN_DIR (joins RAY_ADDRESS; the output goes wherever the test sends it).
+"""
+
+import os
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from raydistill import cli
+from raydistill.distributed import driver
+from raydistill.distributed.worker import GradientWorker
+
+
+def marker(seed: int) -> Path:
+    """Where the worker notes that it died; named by the run's seed, which every worker process knows."""
+    return Path(tempfile.gettempdir()) / f"raydistill-log-scenario-{seed}"
+
+
+class DiesAtStep3(GradientWorker):
+    """Slot 1 kills its own process the first time it reaches step 3."""
+
+    def compute(self, snapshot, step, slot):
+        died = marker(self.cfg.seed)
+        if step == 3 and slot == 1 and not died.exists():
+            died.write_text("died")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().compute(snapshot, step, slot)
+
+
+if __name__ == "__main__":
+    run = Path(sys.argv[1])
+    seed = os.getpid()  # a marker of this scenario's own
+    driver.distill.__kwdefaults__["worker_cls"] = DiesAtStep3  # what the CLI's distill() call uses
+    overrides = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
+                 "eval.every=4", "eval.val_models=1", "eval.val_steps=5", "eval.num_models=1", "eval.steps=5",
+                 "data.val_size=200", "ray.workers=2", "ray.cpus_per_worker=1", "ray.worker_threads=1", "threads=1",
+                 f"seed={seed}"]
+    args = ["distill", "--preset", "quickstart", "--out", str(run), "--log-every", "0"]
+    try:
+        code = cli.main(args + [a for o in overrides for a in ("--set", o)])
+    finally:
+        marker(seed).unlink(missing_ok=True)
+    sys.exit(code)
