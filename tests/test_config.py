@@ -87,7 +87,8 @@ def test_exit_code_from_a_real_process(tmp_path):
 @pytest.mark.parametrize("name", preset_names())
 def test_every_shipped_preset_loads(name):
     cfg = load_config(name, check_paths=False)
-    assert cfg.method_config.window <= cfg.method_config.unroll
+    if cfg.method == "ratbptt":
+        assert cfg.method_config.window <= cfg.method_config.unroll
 
 
 def test_reference_presets_match_the_paper_table():

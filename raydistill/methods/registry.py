@@ -16,6 +16,10 @@ from raydistill.methods.base import Method
 
 BUILTIN = {
     "ratbptt": "raydistill.methods.ratbptt.method:RatBptt",
+    "dm": "raydistill.methods.dm.method:DistributionMatching",
+    "cafe": "raydistill.methods.cafe.method:Cafe",
+    "dc": "raydistill.methods.dc.method:GradientMatching",
+    "dsa": "raydistill.methods.dc.method:SiameseGradientMatching",
 }
 ENTRY_POINT_GROUP = "raydistill.methods"
 _cache: dict[str, Method] = {}

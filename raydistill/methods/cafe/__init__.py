@@ -1,0 +1,1 @@
+"""CAFE as a Method (method.py) and its loss (loss.py)."""

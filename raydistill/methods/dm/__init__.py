@@ -1,0 +1,1 @@
+"""DM as a Method (method.py) and its loss (loss.py)."""
