@@ -1,4 +1,4 @@
-"""The `raydistill` command: distill, boost, eval, tune, show, export, presets."""
+"""The `raydistill` command: distill, boost, eval, tune, prepare, show, export, presets."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from raydistill.config.validate import load_checked
 from raydistill.data.registry import DataError
 from raydistill.distributed.boost import boost, evaluate_budgets
 from raydistill.distributed.driver import EngineError, distill
+from raydistill.distributed.prepare import prepare
 from raydistill.distributed.results import run_evaluation
 from raydistill.io.artifact import ArtifactError, read_distilled, write_distilled
 from raydistill.io.console import console
@@ -94,6 +95,24 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no Tune status tables")
 
 
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="decode, resize and shard a data set once into Parquet (data.name: parquet)")
+    p.add_argument("source", metavar="SOURCE",
+                   help="an image folder (train/<class>/*, val/<class>/*) or a built-in data set name, e.g. "
+                        "fashion-mnist")
+    p.add_argument("--out", required=True, metavar="DEST", help="a new folder or URI (file://, s3://, ...) to write")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="store N x N images: the centred square, resized (required for an image folder)")
+    p.add_argument("--classes", metavar="FILE|N|SUBSET",
+                   help="keep these classes: a file of class folder names (one a line), the first N in sorted "
+                        "order, or a shipped subset (imagenette, imagewoof, imagenet100, ...)")
+    p.add_argument("--shard-mb", type=float, default=256.0, help="about this many MiB of pixels per shard "
+                                                                  "(default: 256)")
+    p.add_argument("--root", help="a built-in data set's folder (default: its usual location)")
+    p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="raydistill", description="Distributed dataset distillation (RaT-BPTT).")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -101,6 +120,7 @@ def parser() -> argparse.ArgumentParser:
     _add_boost(sub)
     _add_eval(sub)
     _add_tune(sub)
+    _add_prepare(sub)
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", metavar="RUN_DIR")
     export = sub.add_parser("export", help="write (a prefix of) a distilled set as a standalone Parquet file")
@@ -220,6 +240,17 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    manifest = prepare(args.source, args.out, image_size=args.image_size, classes=args.classes,
+                       shard_mb=args.shard_mb, root=args.root, address=args.address, progress=not args.quiet)
+    splits = manifest["splits"]
+    shards = sum(len(s["shards"]) for s in splits.values())
+    print(f"wrote {args.out}: {splits['train']['count']} train + {splits['test']['count']} test images of "
+          f"{'x'.join(map(str, manifest['image_shape']))}, {len(manifest['classes'])} classes, {shards} shards, "
+          f"{manifest['skipped']['count']} skipped (use: --set data.name=parquet --set data.root={args.out})")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     print(summarise(args.run_dir))
     return 0
@@ -253,7 +284,7 @@ def cmd_presets(_: argparse.Namespace) -> int:
 
 
 COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show": cmd_show, "export": cmd_export,
-            "presets": cmd_presets, "tune": cmd_tune}
+            "presets": cmd_presets, "tune": cmd_tune, "prepare": cmd_prepare}
 
 
 def main(argv: list[str] | None = None) -> int:

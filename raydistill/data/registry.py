@@ -140,6 +140,8 @@ def resolve_root(cfg: DataConfig) -> Path:
     root = cfg.root if cfg.root is not None else default_root(cfg.name)
     if root is None:
         raise ConfigError(f"data.root: data set {cfg.name!r} has no default location; set data.root=/path/to/data")
+    if "://" in str(root):  # a URI (data.name: parquet): its loader opens cfg.root through pyarrow's filesystems
+        return Path(root)  # (a Path folds the '//': a loader that takes URIs reads cfg.root itself)
     if not Path(root).exists():
         raise ConfigError(f"data.root: {root} does not exist; {install_hint(cfg)}")
     return Path(root)
