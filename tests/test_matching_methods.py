@@ -13,11 +13,11 @@ from raydistill.config import ConfigError
 from raydistill.config.loading import PRESETS, config_from_dict, load_config
 from raydistill.data.registry import load_dataset
 from raydistill.distributed.worker import method_resources
-from raydistill.methods.base import IMAGES, task_seed
+from raydistill.methods.base import IMAGES, seeded_network, task_seed
 from raydistill.methods.cafe.loss import cafe_terms
 from raydistill.methods.dc.loss import dc_loss, layerwise_distance, tensor_distance
 from raydistill.methods.dm.loss import dm_loss
-from raydistill.methods.matching import MatchingContext, class_index, published_loops, seeded_network
+from raydistill.methods.matching import MatchingContext, class_index, published_loops
 from raydistill.methods.registry import get_method, method_names
 from raydistill.models.registry import create_model
 from raydistill.synset.synthetic import init_synthetic

@@ -17,11 +17,13 @@ Nothing here imports Ray: a method runs and is tested in one process.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from raydistill.config.schema import DistillConfig
 
@@ -48,6 +50,19 @@ class Gradient:
     loss: float
     stats: dict = field(default_factory=dict)  # JSON-able; the engine logs it as it is
     slot_state: dict[str, np.ndarray] | None = None  # the slot's state after this task (None: the method keeps none)
+
+
+ModelFactory = Callable[[], nn.Module]  # a worker's "model_factory" resource: a fresh network per call
+
+
+def seeded_network(model_factory: ModelFactory, rng: torch.Generator, like: Tensor) -> nn.Module:
+    """A fresh random init seeded from `rng` (the global RNG is left alone), in train mode, on `like`'s device and
+    dtype: how a task draws its network, so a retried task draws the same one."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_factory()
+    return model.to(device=like.device, dtype=like.dtype).train()
 
 
 def task_seed(run_seed: int, step: int, slot: int) -> int:

@@ -18,7 +18,7 @@ Every random choice comes from one CPU generator seeded by the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,7 @@ from raydistill.config.checks import positive
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import AugmentConfig, DistillConfig
 from raydistill.data.augment import AugParams, apply_params, augment, siamese_params
-
-ModelFactory = Callable[[], nn.Module]
+from raydistill.methods.base import ModelFactory
 
 # DC's outer_loop / inner_loop by images per class (Zhao, Mopuri & Bilen, ICLR 2021; the official repo's get_loops).
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -103,15 +102,6 @@ def make_context(cfg: DistillConfig, resources: dict[str, Any]) -> MatchingConte
 def class_index(labels: Tensor, num_classes: int) -> list[Tensor]:
     """Indices of each class's examples, on `labels`' device."""
     return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
-
-
-def seeded_network(model_factory: ModelFactory, rng: torch.Generator, like: Tensor) -> nn.Module:
-    """A fresh random init seeded from `rng` (the global RNG is left alone), on `like`'s device and dtype."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_factory()
-    return model.to(device=like.device, dtype=like.dtype).train()
 
 
 def real_batch(ctx: MatchingContext, c: int, n: int, rng: torch.Generator, like: Tensor) -> Tensor:

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
 from raydistill.methods.cafe.config import CafeConfig, validate_section
 from raydistill.methods.cafe.loss import cafe_loss
 from raydistill.methods.matching import (MatchingContext, episode_position, make_context, resolved_loops,
-                                         seeded_network, train_on_synthetic, validate_common, validate_real_batch)
+                                         train_on_synthetic, validate_common, validate_real_batch)
 
 
 def cafe_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int) -> tuple[Tensor, float, dict]:

@@ -17,11 +17,11 @@ from torch import Tensor
 
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
 from raydistill.methods.dc.config import DcConfig, validate_section
 from raydistill.methods.dc.loss import dc_loss
 from raydistill.methods.matching import (MatchingContext, episode_position, freeze_batchnorm, make_context,
-                                         resolved_loops, seeded_network, train_on_synthetic, validate_common,
+                                         resolved_loops, train_on_synthetic, validate_common,
                                          validate_real_batch)
 
 

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from raydistill.methods.dc.config import DcConfig
 from raydistill.methods.dc.loss import dc_loss
-from raydistill.methods.matching import (MatchingContext, freeze_batchnorm, resolved_loops, seeded_network,
+from raydistill.methods.base import seeded_network
+from raydistill.methods.matching import (MatchingContext, freeze_batchnorm, resolved_loops,
                                          train_on_synthetic)
 
 

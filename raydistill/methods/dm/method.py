@@ -10,10 +10,10 @@ import torch
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
 from raydistill.methods.dm.config import DmConfig, validate_section
 from raydistill.methods.dm.loss import dm_loss
-from raydistill.methods.matching import (MatchingContext, make_context, seeded_network, validate_common,
+from raydistill.methods.matching import (MatchingContext, make_context, validate_common,
                                          validate_real_batch)
 
 

@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import functional_call
 
 from raydistill.data.augment import augment
 from raydistill.config.schema import AugmentConfig
+from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import make_inner_optimizer
 from raydistill.models.losses import soft_cross_entropy
 
-ModelFactory = Callable[[], nn.Module]
 
 
 @dataclass
@@ -80,15 +79,6 @@ def sample_synthetic_batch(
     return torch.cat(picks)
 
 
-def fresh_network(model_factory: ModelFactory, rng: torch.Generator, like: Tensor) -> nn.Module:
-    """A new random init, seeded from `rng` without touching the global RNG, on `like`'s device and dtype."""
-    init_seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(init_seed)
-        model = model_factory()
-    return model.to(device=like.device, dtype=like.dtype).train()
-
-
 def unrolled_meta_loss(
     images: Tensor,
     hard_labels: Tensor,
@@ -112,7 +102,7 @@ def unrolled_meta_loss(
     start, window = plan_window(cfg, rng)
     num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
     by_class = class_indices(hard_labels, num_classes)
-    model = fresh_network(model_factory, rng, images)
+    model = seeded_network(model_factory, rng, images)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach() for _, p in model.named_parameters()]
     opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)

@@ -9,9 +9,9 @@ import numpy as np
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, task_seed
+from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, task_seed
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
-from raydistill.methods.ratbptt.meta_gradient import ModelFactory, meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 
 
 @dataclass
