@@ -19,6 +19,7 @@ from raydistill.config import ConfigError
 from raydistill.config.loading import load_config
 from raydistill.config.trackers import check_usable, merged, parse_trackers
 from raydistill.distributed.driver import EngineError, distill
+from raydistill.distributed.watch import RunTrackers
 from raydistill.distributed.worker import GradientWorker
 from raydistill.io import console as console_module
 from raydistill.io.console import CondensingStream, condense, console
@@ -239,6 +240,49 @@ def test_a_tracker_that_cannot_log_here_is_refused_before_the_run(monkeypatch, t
     check_usable(parse_trackers([{"name": "wandb", "mode": "offline"}]))
     assert merged(parse_trackers(["wandb", "mlflow"]), parse_trackers([{"name": "wandb", "mode": "offline"}])) == [
         {"name": "wandb", "mode": "offline"}, {"name": "mlflow"}]
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_line_and_the_run_goes_on(capsys):
+    class Broken:
+        def log(self, values, step):
+            raise ConnectionError("wandb.ai unreachable\nretry later")
+
+        def finish(self):
+            raise ConnectionError("still unreachable")
+
+    class Fine:
+        def __init__(self):
+            self.logged = []
+
+        def log_metrics(self, values, step):
+            self.logged.append(step)
+
+        def end_run(self):
+            self.logged.append("end")
+
+    trackers = RunTrackers.__new__(RunTrackers)
+    fine = Fine()
+    trackers.loggers = [("wandb", Broken()), ("mlflow", fine)]
+    trackers.log({"distill/meta_loss": 1.0}, 1)
+    trackers.log({"distill/meta_loss": 0.9}, 2)
+    trackers.close()
+    assert fine.logged == [1, 2, "end"]
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line == ("raydistill: warning: wandb stopped logging at step 1 (ConnectionError: wandb.ai unreachable); "
+                    "the run goes on, metrics.jsonl has every step")
+
+
+def test_a_tracker_that_cannot_start_is_one_line_naming_it(monkeypatch, tmp_path):
+    def refuse(*args, **kwargs):
+        raise OSError("unable to open database file\nmore detail")
+
+    monkeypatch.setattr("ray.air.integrations.mlflow.setup_mlflow", refuse)
+    cfg = load_config("quickstart", ["trackers=[{name: mlflow, tracking_uri: 'sqlite:////nowhere/x.db'}]"],
+                      check_paths=False)
+    with pytest.raises(ConfigError) as error:
+        RunTrackers(cfg, tmp_path / "run")
+    assert str(error.value) == ("trackers: mlflow could not start (OSError: unable to open database file); fix its "
+                                f"settings or drop it, then continue with: raydistill distill --resume {tmp_path / 'run'}")
 
 
 def mlflow_runs(uri: str, experiment: str) -> list:

@@ -15,6 +15,7 @@ every run writes event files. Inside a Tune trial the sweep's callbacks log inst
 from __future__ import annotations
 
 import importlib
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from raydistill.config import DistillConfig
+from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.loading import config_to_dict
 from raydistill.config.trackers import options, use_wandb_mode
 from raydistill.data.registry import Dataset
-from raydistill.io.run_dir import display_grid
+from raydistill.io.run_dir import display_grid, resume_command
 from raydistill.io.tensorboard import RunBoard, step_scalars
 
 DEFAULT_PROJECT = "raydistill"
@@ -47,6 +48,24 @@ def flat_params(cfg: DistillConfig) -> dict[str, Any]:
     return out
 
 
+def start_tracker(entry: dict, params: dict[str, Any], run: Path) -> Any:
+    """One tracker run through Ray's integration (mlflow: the mlflow module; wandb: a wandb Run)."""
+    kwargs = options(entry)
+    if entry["name"] == "mlflow":
+        integration = importlib.import_module("ray.air.integrations.mlflow")  # imports mlflow itself
+        return integration.setup_mlflow(
+            params, tracking_uri=kwargs.get("tracking_uri"),
+            experiment_name=kwargs.get("experiment_name", DEFAULT_PROJECT), run_name=run.name,
+            create_experiment_if_not_exists=True, tags=kwargs.get("tags"))
+    integration = importlib.import_module("ray.air.integrations.wandb")  # imports wandb itself
+    use_wandb_mode(entry)
+    kwargs.pop("log_config", None)
+    kwargs.pop("excludes", None)
+    kwargs.setdefault("project", DEFAULT_PROJECT)
+    kwargs.setdefault("dir", str(run))
+    return integration.setup_wandb(params, name=run.name, **kwargs)
+
+
 class RunTrackers:
     """The trackers of one run session; `log` and `close` do nothing when the config names none."""
 
@@ -54,36 +73,35 @@ class RunTrackers:
         self.loggers: list[tuple[str, Any]] = []
         params = flat_params(cfg)
         for entry in cfg.trackers:
-            kwargs = options(entry)
-            if entry["name"] == "mlflow":
-                integration = importlib.import_module("ray.air.integrations.mlflow")  # imports mlflow itself
-                mlflow = integration.setup_mlflow(
-                    params, tracking_uri=kwargs.get("tracking_uri"),
-                    experiment_name=kwargs.get("experiment_name", DEFAULT_PROJECT), run_name=run.name,
-                    create_experiment_if_not_exists=True, tags=kwargs.get("tags"))
-                self.loggers.append(("mlflow", mlflow))
-            elif entry["name"] == "wandb":
-                integration = importlib.import_module("ray.air.integrations.wandb")  # imports wandb itself
-                use_wandb_mode(entry)
-                kwargs.pop("log_config", None)
-                kwargs.pop("excludes", None)
-                kwargs.setdefault("project", DEFAULT_PROJECT)
-                kwargs.setdefault("dir", str(run))
-                self.loggers.append(("wandb", integration.setup_wandb(params, name=run.name, **kwargs)))
+            try:
+                self.loggers.append((entry["name"], start_tracker(entry, params, run)))
+            except Exception as exc:  # noqa: BLE001  (a bad URI, a store that refuses: before any step runs)
+                self.close()
+                message = str(exc).splitlines()[0] if str(exc) else ""
+                raise ConfigError(f"trackers: {entry['name']} could not start ({type(exc).__name__}: {message}); "
+                                  f"fix its settings or drop it, then continue with: {resume_command(run)}") from None
 
     def log(self, values: dict[str, float], step: int) -> None:
-        for kind, logger in self.loggers:
-            if kind == "mlflow":
-                logger.log_metrics(values, step=step)
-            else:
-                logger.log(values, step=step)
+        """Log to every tracker; one that fails (a server down, a full disk) is reported in one line and dropped:
+        a tracker never stops a distillation, whose own record is metrics.jsonl."""
+        for kind, logger in list(self.loggers):
+            try:
+                if kind == "mlflow":
+                    logger.log_metrics(values, step=step)
+                else:
+                    logger.log(values, step=step)
+            except Exception as exc:  # noqa: BLE001  (any tracker failure; the run goes on without it)
+                self.loggers.remove((kind, logger))
+                print(f"raydistill: warning: {kind} stopped logging at step {step} ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0] if str(exc) else ''}); the run goes on, metrics.jsonl has every "
+                      "step", file=sys.stderr)
 
     def close(self) -> None:
         for kind, logger in self.loggers:
-            if kind == "mlflow":
-                logger.end_run()
-            else:
-                logger.finish()
+            try:
+                logger.end_run() if kind == "mlflow" else logger.finish()
+            except Exception as exc:  # noqa: BLE001
+                print(f"raydistill: warning: {kind} did not close cleanly ({type(exc).__name__})", file=sys.stderr)
         self.loggers = []
 
 
