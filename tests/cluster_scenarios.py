@@ -71,8 +71,8 @@ class RecordsItsNode(GradientWorker):
 
     log = ""
 
-    def __init__(self, cfg_dict: dict, backend: str = "ray"):
-        super().__init__(cfg_dict, backend)
+    def __init__(self, *args):
+        super().__init__(*args)
         append_line(self.log, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
                                "time": time.time()})
 

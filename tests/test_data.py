@@ -93,20 +93,22 @@ def test_fashion_mnist_has_the_documented_shapes_and_classes(fashion):
     assert fashion.num_train == 55000
     assert fashion.num_classes == 10
     assert fashion.class_names[0] == "T-shirt/top" and fashion.class_names[9] == "Ankle boot"
-    assert fashion.train_x.dtype == torch.float32 and fashion.train_y.dtype == torch.int64
+    assert fashion.train_x.dtype == torch.float32 and fashion.train_y.dtype == torch.int64  # what indexing returns
+    assert fashion.train_x.nbytes == 55000 * 28 * 28  # held as uint8 until a batch is drawn
     assert set(fashion.test_y.tolist()) == set(range(10))
     assert fashion.zca is None
 
 
 @needs_fashion
 def test_fashion_mnist_training_split_is_normalised(fashion):
-    assert abs(fashion.train_x.mean().item()) < 1e-4
-    assert fashion.train_x.std().item() == pytest.approx(1.0, abs=1e-4)
+    train = fashion.train_x.tensor()
+    assert abs(train.mean().item()) < 1e-4
+    assert train.std().item() == pytest.approx(1.0, abs=1e-4)
     # Statistics are reported on the [0, 1] scale (Fashion-MNIST: about 0.286 and 0.353).
     assert fashion.mean[0] == pytest.approx(0.286, abs=0.01)
     assert fashion.std[0] == pytest.approx(0.353, abs=0.01)
     # Other splits use the training split's statistics, so they are close to, not exactly, standardised.
-    assert abs(fashion.test_x.mean().item()) < 0.05
+    assert abs(fashion.test_x.tensor().mean().item()) < 0.05
 
 
 @needs_fashion
@@ -227,7 +229,7 @@ def test_zca_option_whitens_every_split_with_the_training_fit(tiny_mnist):
     assert isinstance(ds.zca, ZCA) and ds.zca.num_features == 36
     plain = load_dataset(DataConfig(name="mnist", root=str(tiny_mnist), val_size=4))
     for whitened, normalised in ((ds.train_x, plain.train_x), (ds.val_x, plain.val_x), (ds.test_x, plain.test_x)):
-        assert torch.allclose(whitened, ds.zca.transform(normalised), atol=1e-5)
+        assert torch.allclose(whitened.tensor(), ds.zca.transform(normalised.tensor()), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- image folders

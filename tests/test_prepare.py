@@ -279,4 +279,4 @@ def test_fashion_mnist_round_trips_exactly(ray_session, tmp_path):
     assert ours.class_names == theirs.class_names
     a = load_dataset(DataConfig(name="parquet", root=str(tmp_path / "fm")))
     b = load_dataset(DataConfig(name="fashion-mnist"))
-    assert torch.equal(a.train_x, b.train_x) and torch.equal(a.val_y, b.val_y) and a.mean == b.mean
+    assert torch.equal(a.train_x.tensor(), b.train_x.tensor()) and torch.equal(a.val_y, b.val_y) and a.mean == b.mean

@@ -72,6 +72,8 @@ def _validate_data(cfg: DistillConfig, check_paths: bool) -> None:
     choice(d.name, DATASETS, "data.name")
     at_least(d.val_size, 0, "data.val_size")
     positive(d.zca_reg, "data.zca_reg")
+    positive(d.cache_gb, "data.cache_gb")
+    positive(d.resample_every, "data.resample_every")
     if d.image_size is not None:
         positive(d.image_size, "data.image_size")
     if check_paths:

@@ -1,8 +1,9 @@
-"""Data sets: a registry of raw loaders and `load_dataset`, which turns one into normalised train/val/test tensors.
+"""Data sets: a registry of raw loaders and `load_dataset`, which turns one into train/val/test splits.
 
 A raw loader reads files only (no downloads, no disk cache) and returns uint8 images (N, C, H, W), int64 labels and
-class names. `load_dataset` then scales to [0, 1], holds a seeded validation split out of the training images,
-normalises every split with the training split's per-channel statistics and optionally ZCA-whitens them.
+class names. `load_dataset` holds a seeded validation split out of the training images and fits the normalisation:
+the training split's per-channel statistics and optionally a ZCA transform. The splits stay uint8
+(raydistill.data.real.RealImages): a batch is scaled to [0, 1], standardised and whitened when it is drawn.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from raydistill.config import ConfigError, DataConfig
+from raydistill.data.real import Normaliser, RealImages
 from raydistill.data.zca import ZCA
 
 
@@ -60,14 +62,15 @@ def default_root(name: str) -> str | None:
 
 @dataclass
 class Dataset:
-    """Normalised splits ready for training: float32 images (N, C, H, W), int64 labels."""
+    """The splits: images (N, C, H, W) that index as normalised float32 (uint8 RealImages, or float32 tensors
+    where a caller substitutes them), int64 labels."""
 
     name: str
-    train_x: Tensor
+    train_x: RealImages | Tensor
     train_y: Tensor
-    val_x: Tensor
+    val_x: RealImages | Tensor
     val_y: Tensor
-    test_x: Tensor
+    test_x: RealImages | Tensor
     test_y: Tensor
     class_names: list[str]
     mean: list[float]  # per channel, training split, [0, 1] scale
@@ -87,6 +90,11 @@ class Dataset:
     def num_train(self) -> int:
         return self.train_x.shape[0]
 
+    @property
+    def normaliser(self) -> Normaliser:
+        return Normaliser(torch.tensor(self.mean, dtype=torch.float32), torch.tensor(self.std, dtype=torch.float32),
+                          self.zca)
+
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load `cfg.name` from `cfg.root` (or its default location) and preprocess it; see the module docstring."""
@@ -101,29 +109,24 @@ def load_dataset(cfg: DataConfig) -> Dataset:
             f"data.val_size: {cfg.val_size} leaves no training images ({n} in {cfg.name}); set data.val_size < {n}"
         )
     train_idx, val_idx = split_indices(n, cfg.val_size, cfg.split_seed)
-    train_x, val_x, test_x = (_to_unit(raw.train_x[train_idx]), _to_unit(raw.train_x[val_idx]), _to_unit(raw.test_x))
-    train_y, val_y = raw.train_y[train_idx], raw.train_y[val_idx]
-
-    mean, std = _channel_stats(train_x)
-    train_x, val_x, test_x = (_normalise(t, mean, std) for t in (train_x, val_x, test_x))
-
-    zca = None
-    if cfg.zca:
-        zca = ZCA.fit(train_x, cfg.zca_reg)
-        train_x, val_x, test_x = (_zca_in_blocks(zca, t) for t in (train_x, val_x, test_x))
+    train_px, val_px = raw.train_x[train_idx], raw.train_x[val_idx]
+    mean, std = channel_stats(train_px)
+    normaliser = Normaliser(mean, std)
+    if cfg.zca:  # fitted on the standardised training split, converted block by block
+        normaliser.zca = ZCA.fit(_standardised(train_px, normaliser), cfg.zca_reg)
 
     return Dataset(
         name=cfg.name,
-        train_x=train_x,
-        train_y=train_y,
-        val_x=val_x,
-        val_y=val_y,
-        test_x=test_x,
+        train_x=RealImages(train_px, normaliser),
+        train_y=raw.train_y[train_idx],
+        val_x=RealImages(val_px, normaliser),
+        val_y=raw.train_y[val_idx],
+        test_x=RealImages(raw.test_x.contiguous(), normaliser),
         test_y=raw.test_y,
         class_names=list(raw.class_names),
         mean=mean.tolist(),
         std=std.tolist(),
-        zca=zca,
+        zca=normaliser.zca,
     )
 
 
@@ -153,23 +156,26 @@ def install_hint(cfg: DataConfig) -> str:
     return "point data.root at the directory that holds the data set"
 
 
-def _to_unit(x: Tensor) -> Tensor:
-    return x.to(torch.float32).div_(255.0)
+def channel_stats(pixels: Tensor, block: int = 8192) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and unbiased std over (N, H, W) of uint8 pixels, in [0, 1] units (float32).
 
-
-def _channel_stats(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std over (N, H, W)."""
-    std, mean = torch.std_mean(x, dim=(0, 2, 3))
+    Exact: integer sums of the pixels and their squares, accumulated block by block (no float copy of the split).
+    """
+    c = pixels.shape[1]
+    total, squares = torch.zeros(c, dtype=torch.int64), torch.zeros(c, dtype=torch.int64)
+    for b in pixels.split(block):
+        wide = b.to(torch.int64)
+        total += wide.sum(dim=(0, 2, 3))
+        squares += (wide * wide).sum(dim=(0, 2, 3))
+    count = pixels.numel() // c if c else 0
+    mean = total.double() / max(count, 1)
+    var = (squares.double() - total.double() * mean) / max(count - 1, 1)
+    mean, std = mean / 255.0, var.clamp_min(0).sqrt() / 255.0
     # A constant channel (e.g. a blank test fixture) would divide by zero; leave it centred but unscaled.
-    return mean, torch.where(std > 0, std, torch.ones_like(std))
+    return mean.float(), torch.where(std > 0, std, torch.ones_like(std)).float()
 
 
-def _normalise(x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-    return x.sub_(mean.view(1, -1, 1, 1)).div_(std.view(1, -1, 1, 1))
-
-
-def _zca_in_blocks(zca: ZCA, x: Tensor, block: int = 8192) -> Tensor:
-    """Whiten a split block by block so the temporary (centred) copy stays small."""
-    if x.shape[0] == 0:
-        return x
-    return torch.cat([zca.transform(b) for b in x.split(block)])
+def _standardised(pixels: Tensor, normaliser: Normaliser, block: int = 8192) -> Tensor:
+    """The whole split standardised (no ZCA) as float32: what a ZCA fit needs."""
+    plain = Normaliser(normaliser.mean, normaliser.std)
+    return torch.cat([plain(b) for b in pixels.split(block)]) if pixels.shape[0] else plain(pixels)

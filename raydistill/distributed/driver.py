@@ -36,6 +36,7 @@ from raydistill.distributed.backend import BACKENDS
 from raydistill.distributed.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
 from raydistill.distributed.results import finish
 from raydistill.distributed.server import ParameterServer
+from raydistill.distributed.shared_data import share
 from raydistill.distributed.validator import VALIDATOR_GPU_SHARE, Validator, validator_options
 from raydistill.distributed.watch import RunWatch
 from raydistill.distributed.worker import GradientWorker
@@ -81,15 +82,16 @@ class Run:
                              scheduling_strategy=driver_node_strategy()) if on_ray else {},
             self.cfg_dict, str(run), syn.arrays(), syn.hard_labels.numpy(),
             None if syn.lr_scale is None else syn.lr_scale.numpy(), backend)
+        self.shared = share(dataset, cfg, self.backend)  # the real data: one uint8 copy per node, read in place
         self.workers = [
             self.backend.actor(worker_cls, dict(max_restarts=-1, max_task_retries=-1, **placement.options(i))
-                               if on_ray else {}, self.cfg_dict, backend)
+                               if on_ray else {}, self.cfg_dict, backend, self.shared)
             for i in range(cfg.ray.workers)
         ]
         self.validator = None
         if cfg.eval.every:
             options = validator_options(spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE) if on_ray else {}
-            self.validator = self.backend.actor(Validator, options, self.cfg_dict, backend)
+            self.validator = self.backend.actor(Validator, options, self.cfg_dict, backend, self.shared)
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()

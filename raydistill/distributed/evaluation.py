@@ -17,6 +17,7 @@ import ray
 import torch
 
 from raydistill.config import DistillConfig
+from raydistill.data.real import Normaliser, RealImages, pixels_from_numpy
 from raydistill.data.registry import Dataset
 from raydistill.distributed.worker import as_tensor, worker_device
 from raydistill.eval.report import Network, assemble, plan_networks, training_sets
@@ -24,13 +25,28 @@ from raydistill.eval.train import Progress, network_accuracy, split_of
 from raydistill.runtime import set_threads
 
 
-def train_one(train: tuple[np.ndarray, np.ndarray], evaluation: tuple[np.ndarray, np.ndarray], net: Network,
-              cfg: DistillConfig, num_classes: int) -> float:
+def split_payload(x: RealImages | torch.Tensor, y: torch.Tensor) -> dict:
+    """A split as plain arrays for the object store: uint8 pixels and the normaliser when it is a RealImages."""
+    if isinstance(x, RealImages):
+        return {"pixels": x.pixels(slice(None)).cpu().numpy(), "normaliser": x.normaliser.to_arrays(),
+                "labels": y.cpu().numpy()}
+    return {"images": x.cpu().numpy(), "labels": y.cpu().numpy()}
+
+
+def split_from_payload(payload: dict, device: torch.device) -> tuple[RealImages | torch.Tensor, torch.Tensor]:
+    if "pixels" in payload:  # read in place, normalised per batch
+        images = RealImages(pixels_from_numpy(payload["pixels"]), Normaliser.from_arrays(payload["normaliser"]))
+        return images.to(device), as_tensor(payload["labels"], device)
+    return as_tensor(payload["images"], device), as_tensor(payload["labels"], device)
+
+
+def train_one(train: tuple[np.ndarray, np.ndarray], evaluation: dict, net: Network, cfg: DistillConfig,
+              num_classes: int) -> float:
     """One network of the report (a Ray task; pure, so Ray may retry it): its accuracy on the evaluation split."""
     set_threads(cfg.ray.worker_threads)
     device = worker_device()
     x, targets = (as_tensor(a, device) for a in train)
-    eval_x, eval_y = (as_tensor(a, device) for a in evaluation)
+    eval_x, eval_y = split_from_payload(evaluation, device)
     return network_accuracy(x, targets, eval_x, eval_y, net.arch, cfg, num_classes, net.seed, cfg.eval.steps,
                             net.augmented, device)
 
@@ -58,7 +74,7 @@ def evaluation_report_on_ray(
     archs = archs or cfg.eval.archs
     plan = plan_networks(cfg, archs, num_models or cfg.eval.num_models)
     sets = training_sets(plan, x, targets, ipc, dataset, cfg, device)
-    evaluation = ray.put(tuple(t.cpu().numpy() for t in split_of(dataset, split)))
+    evaluation = ray.put(split_payload(*split_of(dataset, split)))
     set_refs = {key: ray.put((a.cpu().numpy(), b.cpu().numpy())) for key, (a, b) in sets.items()}
     task = ray.remote(train_one).options(**(options or {"num_cpus": max(1, cfg.ray.worker_threads), "max_retries": 3}))
     refs = [task.remote(set_refs[net.data], evaluation, net, cfg, dataset.num_classes) for net in plan]

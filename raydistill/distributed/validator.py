@@ -1,7 +1,8 @@
-"""A long-lived validation actor: the data set is loaded once, then each snapshot costs only its networks.
+"""A long-lived validation actor: the validation split arrives once, then each snapshot costs only its networks.
 
 Validation tasks that load the data set (and fit ZCA) for every snapshot pay that each time; this actor pays it once
-in `__init__`. `validate` returns exactly what `raydistill.eval.validation.validation_accuracy` returns for the
+in `__init__`: it reads the driver's uint8 copy from the object store (raydistill.distributed.shared_data), or loads
+the data set itself when it is given none. `validate` returns exactly what `raydistill.eval.validation.validation_accuracy` returns for the
 snapshot on the same device and torch thread count (`cfg.ray.worker_threads` on Ray).
 Start it with `ray.remote(Validator).options(**validator_options(has_gpus)).remote(cfg_dict)`, or in this process
 as `Validator(cfg_dict, backend="local")`. `validate_snapshot` is the one-shot form, a plain Ray task.
@@ -9,10 +10,12 @@ as `Validator(cfg_dict, backend="local")`. `validate_snapshot` is the one-shot f
 
 from __future__ import annotations
 
-import dataclasses
+import torch
 
 from raydistill.config.loading import config_from_dict
-from raydistill.data.registry import load_dataset
+from raydistill.data.registry import Dataset, load_dataset
+from raydistill.distributed.backend import BACKENDS
+from raydistill.distributed.shared_data import SharedData, validation_split
 from raydistill.distributed.worker import as_tensor, worker_device
 from raydistill.eval.validation import validation_accuracy
 from raydistill.runtime import resolve_device, set_threads
@@ -42,22 +45,25 @@ class Validator:
     the gradient workers do; in this process (`backend="local"`) on `cfg.device`, leaving the thread count alone.
     """
 
-    def __init__(self, cfg_dict: dict, backend: str = "ray"):
+    def __init__(self, cfg_dict: dict, backend: str = "ray", shared: SharedData | None = None):
         self.cfg = config_from_dict(cfg_dict)
         if backend == "ray":
             set_threads(self.cfg.ray.worker_threads)
             self.device = worker_device()
         else:
             self.device = resolve_device(self.cfg.device)
-        dataset = load_dataset(self.cfg.data)
-        # The actor lives as long as the run: keep only the validation split (on the device, so no per-call copy);
-        # the empty train and test tensors still carry the image shape that networks are built from.
-        self.dataset = dataclasses.replace(
-            dataset,
-            train_x=dataset.train_x[:0].clone(), train_y=dataset.train_y[:0].clone(),
-            test_x=dataset.test_x[:0].clone(), test_y=dataset.test_y[:0].clone(),
-            val_x=dataset.val_x.to(self.device), val_y=dataset.val_y.to(self.device),
-        )
+        if shared is None:
+            dataset = load_dataset(self.cfg.data)
+            val_x, val_y = dataset.val_x.to(self.device), dataset.val_y.to(self.device)
+            name, classes, mean, std, zca = dataset.name, dataset.class_names, dataset.mean, dataset.std, dataset.zca
+        else:
+            val_x, val_y = validation_split(shared, BACKENDS[backend], self.device)
+            name, classes, mean, std, zca = shared.name, shared.class_names, shared.mean, shared.std, val_x.normaliser.zca
+        # The actor lives as long as the run: it keeps only the validation split (on the device, uint8), and empty
+        # train and test splits that still carry the image shape networks are built from.
+        empty = torch.empty(0, *val_x.shape[1:])
+        no_labels = torch.empty(0, dtype=torch.int64)
+        self.dataset = Dataset(name, empty, no_labels, val_x, val_y, empty, no_labels, list(classes), mean, std, zca)
 
     def validate(self, snapshot: dict) -> float:
         """Mean validation accuracy (percent) of fresh networks trained on the snapshot's images and labels."""
