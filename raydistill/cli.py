@@ -19,6 +19,7 @@ from raydistill.io.artifact import ArtifactError, read_distilled, write_distille
 from raydistill.io.console import console
 from raydistill.io.summary import summarise
 from raydistill.io.run_dir import ARTIFACT, CONFIG, load_run, targets_of
+from raydistill.io.store import Location, location, one_line
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS
 from raydistill.runtime import set_threads
@@ -31,11 +32,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="quickstart", help="a shipped preset name or a YAML file (default: quickstart)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set ratbptt.window=40 (repeatable)")
-    p.add_argument("--out", help="run directory to create (default: runs/PRESET-TIMESTAMP)")
+    p.add_argument("--out", help="run directory to create: a path or a URI such as file:///shared/run or "
+                                 "s3://bucket/run (default: runs/PRESET-TIMESTAMP)")
     p.add_argument("--workers", type=int, metavar="K", help="meta-gradient workers (ray.workers)")
     p.add_argument("--mode", help="sync (average K gradients per step) or async (ray.mode)")
     p.add_argument("--address", help="Ray cluster to join, e.g. auto (default: RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint (a path "
+                                                       "or the URI it was started with)")
     p.add_argument("--no-eval", action="store_true", help="skip the final test-set evaluation")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_log_every(p)
@@ -223,10 +226,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             f"{cfg.data.name} has {'x'.join(map(str, dataset.image_shape))}; the artifact does not "
                             "belong to its own config")
     if args.budgets is not None:
-        evaluate_budgets(Path(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
+        evaluate_budgets(location(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
                          progress=not args.quiet)
         return 0
-    run_evaluation(Path(args.run_dir), dset.images, targets_of(dset), cfg, dataset, cfg.eval.archs, args.models,
+    run_evaluation(location(args.run_dir), dset.images, targets_of(dset), cfg, dataset, cfg.eval.archs, args.models,
                    progress=not args.quiet, on_ray=False)
     return 0
 
@@ -257,19 +260,19 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    out = Path(args.out)
+    out = location(args.out)
     if out.is_dir():
         raise ConfigError(f"--out: {out} is a directory; name the Parquet file to write, e.g. {out / 'ipc1.parquet'}")
     if out.exists() and not args.force:
         raise ConfigError(f"--out: {out} already exists; choose another file, or pass --force to replace it")
-    if not out.parent.is_dir():
+    if not isinstance(out, Location) and not out.parent.is_dir():  # object stores have no folders to create
         raise ConfigError(f"--out: folder {out.parent} does not exist; create it or choose another path")
-    dset = read_distilled(Path(args.run_dir) / ARTIFACT)
+    dset = read_distilled(location(args.run_dir) / ARTIFACT)
     if args.prefix is not None:
         if not 1 <= args.prefix <= dset.ipc:
             raise ConfigError(f"--prefix: {args.prefix} is not between 1 and the set's IPC {dset.ipc}")
         dset = dset.prefix(args.prefix)
-    write_distilled(args.out, dset)
+    write_distilled(out, dset)
     print(f"wrote {args.out}: {len(dset.labels)} images, IPC {dset.ipc}")
     return 0
 
@@ -301,14 +304,25 @@ def main(argv: list[str] | None = None) -> int:
     except EngineError as exc:
         print(f"raydistill: error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # storage that fails under a command (a URI without network or credentials, a full disk)
+        print(f"raydistill: error: {one_line(exc)}; check the location, its permissions and credentials",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         run = getattr(args, "run_dir", None) or getattr(args, "resume", None)
-        if args.command in ("distill", "boost") and run and Path(run, CONFIG).is_file():
+        if args.command in ("distill", "boost") and run and _holds_config(run):
             command = f"raydistill {args.command} --resume {run}"
             print(f"raydistill: run interrupted; continue it with: {command}", file=sys.stderr)
         else:
             print("raydistill: interrupted before anything was written; nothing to resume", file=sys.stderr)
         return 130
+
+
+def _holds_config(run: str) -> bool:
+    try:
+        return (location(run) / CONFIG).is_file()
+    except (OSError, ConfigError):
+        return False
 
 
 if __name__ == "__main__":

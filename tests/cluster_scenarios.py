@@ -9,6 +9,8 @@ Scenarios:
                  workers (one GPU each) must be refused at once.
   node-loss      a head for the parameter server and two 2-CPU worker nodes: the node that hosts the workers is removed
                  mid-run; the workers must come back on the other node and no step may be lost or applied twice.
+  shared-storage the run directory is a file:// URI to a shared folder; the parameter server is killed until Ray
+                 restarts it on another node, and it must resume from the checkpoint in that folder each time.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class ServerRecordsItsNode(ParameterServer):
     def __init__(self, *args):
         super().__init__(*args)
         append_line(self.log, {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(),
-                               "time": time.time(), "restored_step": self.restored_step})
+                               "time": time.time(), "restored_step": self.restored_step, "run_dir": args[1],
+                               "checkpoints": str(self.checkpoints)})
 
 
 def connect(cluster: Cluster) -> None:
@@ -264,7 +267,80 @@ def capacity_lost(out: Path, steps: int = 200) -> dict:
         cluster.shutdown()
 
 
-SCENARIOS = {"gpu-placement": gpu_placement, "node-loss": node_loss, "capacity-lost": capacity_lost}
+def shared_storage(out: Path, steps: int = 40, max_kills: int = 6) -> dict:
+    """The parameter server is killed until Ray restarts it on another node; each time it resumes from the checkpoint.
+
+    The run directory is given as a file:// URI to a folder every node sees (on a real cluster, a shared mount): the
+    processes have no other state in common, so a restarted server knows where the run stands only from the checkpoint
+    in that folder. (Ray places the server, a 0-CPU actor, on any node; soft node affinity does not pin it, so the
+    server is killed again, after each new checkpoint, until a restart lands on another node.) An uninterrupted run of
+    the same config on the same cluster is the reference the resumed run must match bit for bit.
+    """
+    import signal
+
+    from raydistill.io.artifact import read_distilled
+
+    shared = out / "shared"
+    uri = f"file://{shared.resolve()}/run"
+    run = shared / "run"
+    ServerRecordsItsNode.log = str(out / "server.jsonl")
+    cfg = lambda: tiny(f"steps={steps}", "ray.workers=2")  # noqa: E731
+    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "num_cpus": 0})
+    try:
+        for _ in range(2):
+            cluster.add_node(**NODE, num_cpus=2)
+        connect(cluster)
+        reference = distill(cfg(), f"file://{shared.resolve()}/reference", progress=False, evaluate=False)
+        outcome: dict = {}
+
+        def distil() -> None:
+            try:
+                outcome["summary"] = distill(cfg(), uri, progress=False, evaluate=False,
+                                             server_cls=ServerRecordsItsNode)
+            except BaseException:  # noqa: BLE001 - reported through the result file
+                outcome["error"] = traceback.format_exc()
+
+        driver = threading.Thread(target=distil, name="distill", daemon=True)
+        driver.start()
+        metrics, checkpoints = run / "metrics.jsonl", run / "checkpoints"
+
+        def newest_checkpoint() -> int:
+            names = sorted(p.name for p in checkpoints.glob("ckpt-*.rdck"))
+            return int(names[-1].split("-")[1].split(".")[0]) if names else -1
+
+        kills: list[dict] = []
+        deadline = time.time() + 150
+        while len(kills) < max_kills and driver.is_alive() and time.time() < deadline:
+            servers = read_lines(out / "server.jsonl")
+            if len(servers) > 1 and servers[-1]["node_id"] != servers[0]["node_id"]:
+                break  # restarted on another node
+            # Kill once the current server has checkpointed at least once past where it started, mid-interval.
+            started_at = servers[-1]["restored_step"] or 0 if servers else None
+            done = len(metrics.read_text().splitlines()) if metrics.exists() else 0
+            if len(servers) == len(kills) + 1 and newest_checkpoint() > started_at and done % 2 == 1:
+                kills.append({"pid": servers[-1]["pid"], "node_id": servers[-1]["node_id"], "step": done,
+                              "newest_checkpoint": newest_checkpoint()})
+                log(f"killing the server (pid {servers[-1]['pid']}) at step {done}")
+                os.kill(servers[-1]["pid"], signal.SIGKILL)
+            time.sleep(0.02)
+        driver.join(timeout=180)
+        if driver.is_alive():
+            raise RuntimeError("the run did not finish within 180 s")
+        if "error" in outcome:
+            raise RuntimeError(f"the run failed:\n{outcome['error']}")
+        same = bool((read_distilled(uri).images == read_distilled(reference["run_dir"]).images).all())
+        return {"nodes": node_ids(cluster), "steps": steps, "uri": uri, "kills": kills,
+                "server_log": read_lines(out / "server.jsonl"), "summary": outcome["summary"],
+                "reference_status": reference["status"],
+                "metric_steps": [r["step"] for r in read_lines(metrics) if "meta_loss" in r],
+                "same_artifact_as_reference": same}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+SCENARIOS = {"gpu-placement": gpu_placement, "node-loss": node_loss, "capacity-lost": capacity_lost,
+             "shared-storage": shared_storage}
 
 
 def main(argv: list[str]) -> int:

@@ -16,6 +16,7 @@ from raydistill.config.validate import load_checked
 from raydistill.distributed.driver import distill
 from raydistill.distributed.results import run_evaluation
 from raydistill.io import run_dir as rundir
+from raydistill.io.store import location
 from raydistill.io.artifact import BUDGETS_FILE, read_distilled
 from raydistill.io.atomic import atomic_write_json
 from raydistill.methods.base import IMAGES, SOFT_LABELS
@@ -40,7 +41,7 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
     `engine` goes to every stage's `distill` (in_process, worker_cls, server_cls, placement, on_validation); the
     steps that on_validation sees count from the start of the whole schedule, not of the stage.
     """
-    run = Path(out)
+    run = location(out)  # a local path, or a URI on shared storage (raydistill.io.store)
     if resume:
         cfg = rundir.resumable_config(run)
         if cfg is None:

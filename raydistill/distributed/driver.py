@@ -44,6 +44,7 @@ from raydistill.io import run_dir as rundir
 from raydistill.io.atomic import append_jsonl, atomic_write_text
 from raydistill.io.checkpoint import CheckpointWarning
 from raydistill.io.progress import progress_bar
+from raydistill.io.store import check_shared, location, publish_local_dir
 from raydistill.methods.registry import get_method
 from raydistill.synset.synthetic import SyntheticSet, init_synthetic
 
@@ -343,7 +344,9 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
     GradientWorker / ParameterServer). `placement` puts the workers into a placement group that already exists
     (a Tune trial's); `on_validation(step, val_acc, best_val_acc)` is called after each validation.
     """
-    run = Path(out)
+    run = location(out)  # a local path, or a URI on storage every node sees (raydistill.io.store)
+    if not in_process:
+        check_shared(run)
     if resume:
         cfg = rundir.resumable_config(run)
         if cfg is None:
@@ -380,6 +383,7 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
             status = {**job.backend.get(job.ps.status.remote()), "placement": job.placement_report()}
         finally:
             job.shutdown()
+            publish_local_dir(run)
         return finish(cfg, run, dataset, result, status, time.perf_counter() - began, evaluate, progress,
                       syn.blocks, on_ray=not in_process)
     finally:

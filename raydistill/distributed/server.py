@@ -9,7 +9,6 @@ resumes from the newest good checkpoint. No maths here beyond averaging: the upd
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from raydistill.config.loading import config_from_dict
 from raydistill.distributed.backend import BACKENDS
 from raydistill.io.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
 from raydistill.io.run_dir import CHECKPOINTS
+from raydistill.io.store import location
 from raydistill.methods.registry import get_method
 from raydistill.synset.meta_update import MetaOptimizer
 
@@ -50,7 +50,7 @@ class ParameterServer:
                  lr_scale: np.ndarray | None = None, backend: str = "ray"):
         self.cfg = config_from_dict(cfg_dict, check_paths=False)
         self.backend = BACKENDS[backend]
-        self.checkpoints = Path(run_dir) / CHECKPOINTS
+        self.checkpoints = location(run_dir) / CHECKPOINTS  # a local path or a URI: shared storage for restarts elsewhere
         self.hard_labels = np.asarray(hard_labels)
         specs = get_method(self.cfg.method).learnables(self.cfg)
         self.meta = MetaOptimizer({k: torch.tensor(v) for k, v in learnables.items()}, specs, self.cfg.meta,

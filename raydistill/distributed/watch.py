@@ -28,6 +28,7 @@ from raydistill.config.loading import config_to_dict
 from raydistill.config.trackers import options, use_wandb_mode
 from raydistill.data.registry import Dataset
 from raydistill.io.run_dir import display_grid, resume_command
+from raydistill.io.store import local_dir
 from raydistill.io.tensorboard import RunBoard, step_scalars
 
 DEFAULT_PROJECT = "raydistill"
@@ -109,7 +110,10 @@ class RunWatch:
     """TensorBoard and trackers of one run session, fed by the driver."""
 
     def __init__(self, cfg: DistillConfig, run: Path, dataset: Dataset):
-        self.run, self.dataset = run, dataset  # the data set: to show images as they look (normalisation, ZCA)
+        # TensorBoard writes local files: the run itself, or for a run on a URI a local folder that the driver copies
+        # into it at the end of the session (raydistill.io.store.publish_local_dir).
+        self.run = local_dir(run)
+        self.dataset = dataset  # to show images as they look (normalisation, ZCA)
         self.trackers = RunTrackers(cfg, run)
         self.board: RunBoard | None = None
         self.last_logged = -1  # the last step in the event files

@@ -3,7 +3,8 @@
 A run directory holds `distilled.parquet` (one row per synthetic image: `image`, `label`, `soft_label` when labels
 were learned, `block`), `zca.npz` when ZCA whitening was used, and `eval.json` / `metrics.jsonl` written by other
 parts of raydistill. The Parquet schema metadata key `raydistill` holds a JSON object describing the set. Nothing
-here ever unpickles. Reading the images with pyarrow alone:
+here ever unpickles. Paths may be run locations on shared storage (raydistill.io.store); writes are atomic either
+way. Reading the images with pyarrow alone:
 
     table = pyarrow.parquet.read_table("RUN/distilled.parquet")
     meta = json.loads(table.schema.metadata[b"raydistill"])
@@ -23,7 +24,6 @@ import os
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raydistill.io.atomic import atomic_path, atomic_write_bytes, json_default
+from raydistill.io.store import Location, RunPath, location, one_line
 
 FORMAT_VERSION = 1
 MAX_METADATA_BYTES = 16 * 2**20  # a config, class names and learned scalars: far below this for any real set
@@ -137,7 +138,7 @@ def _fixed_list(rows: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), rows.shape[1])
 
 
-def write_distilled(path: str | os.PathLike, dset: DistilledSet) -> None:
+def write_distilled(path: str | os.PathLike | Location, dset: DistilledSet) -> None:
     """Write `dset` to a Parquet file atomically; `image_shape` and `num_classes` are added to the metadata."""
     meta = dict(dset.metadata)
     shape = [int(s) for s in dset.images.shape[1:]]
@@ -165,12 +166,16 @@ def write_distilled(path: str | os.PathLike, dset: DistilledSet) -> None:
         pq.write_table(table, tmp, write_page_checksum=True, use_dictionary=["label", "block"])
 
 
-def _resolve(path: str | os.PathLike) -> Path:
-    path = Path(path)
+def _resolve(path: str | os.PathLike | Location) -> RunPath:
+    path = location(path)
     return path / DISTILLED_FILE if path.is_dir() else path
 
 
-def _broken(path: Path, exc: BaseException) -> ArtifactError:
+def _arrow(path: RunPath) -> dict:  # how pyarrow.parquet opens a local path, or a Location by its file system
+    return {"source": path.path, "filesystem": path.fs} if isinstance(path, Location) else {"source": path}
+
+
+def _broken(path: RunPath, exc: BaseException) -> ArtifactError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     return ArtifactError(
         f"{path}: not a readable Parquet file ({first}); it is truncated or corrupt, re-run 'raydistill distill'"
@@ -186,7 +191,7 @@ def _numbers(value: Any, length: int) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value))
 
 
-def check_metadata(path: Path, meta: dict) -> None:
+def check_metadata(path: RunPath, meta: dict) -> None:
     """The metadata comes from the file, so it is untrusted: check every key raydistill reads, with its type and
     range, before anything uses it. One ArtifactError names the key."""
     def bad(key: str, expected: str) -> ArtifactError:
@@ -215,13 +220,18 @@ def check_metadata(path: Path, meta: dict) -> None:
             raise bad(key, expected)
 
 
-def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
+def read_header(path: str | os.PathLike | Location) -> tuple[RunPath, pa.Schema, dict]:
     """Open and validate the schema and metadata without reading any data; returns (path, schema, metadata)."""
-    path = _resolve(path)
-    if not path.is_file():
+    try:
+        path = _resolve(path)
+        found = path.is_file()
+    except OSError as exc:  # shared storage that cannot be reached (no network, no credentials)
+        raise ArtifactError(f"{path}: cannot be reached ({one_line(exc)}); check the location and its "
+                            "credentials") from None
+    if not found:
         raise ArtifactError(f"{path}: no such file; run 'raydistill distill' first or check the path")
     try:
-        schema = pq.read_schema(path)
+        schema = pq.read_schema(_arrow(path)["source"], filesystem=_arrow(path).get("filesystem"))
     except (pa.ArrowException, OSError) as exc:
         raise _broken(path, exc) from None
     raw = (schema.metadata or {}).get(META_KEY)
@@ -268,14 +278,14 @@ def read_header(path: str | os.PathLike) -> tuple[Path, pa.Schema, dict]:
     return path, schema, meta
 
 
-def read_table(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
+def read_table(path: RunPath, columns: Sequence[str] | None = None) -> pa.Table:
     try:
-        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+        return pq.read_table(**_arrow(path), columns=columns, page_checksum_verification=True)
     except (pa.ArrowException, OSError) as exc:
         raise _broken(path, exc) from None
 
 
-def read_column(path: Path, table: pa.Table, name: str, dtype: type) -> np.ndarray:
+def read_column(path: RunPath, table: pa.Table, name: str, dtype: type) -> np.ndarray:
     """One column as a writable numpy array; fixed-size lists come back (rows, size)."""
     col = table.column(name).combine_chunks()
     nested = pa.types.is_fixed_size_list(col.type)
@@ -289,7 +299,7 @@ def read_column(path: Path, table: pa.Table, name: str, dtype: type) -> np.ndarr
     return out.reshape(len(col), col.type.list_size) if nested else out
 
 
-def read_distilled(path: str | os.PathLike) -> DistilledSet:
+def read_distilled(path: str | os.PathLike | Location) -> DistilledSet:
     """Load a distilled set from a Parquet file (or a run directory holding one), validating it on the way.
 
     Raises ArtifactError for a missing, truncated, foreign, too-new or inconsistent file. Never unpickles.
@@ -311,7 +321,7 @@ def read_distilled(path: str | os.PathLike) -> DistilledSet:
 # ---------------------------------------------------------------------------------------------- ZCA
 
 
-def write_zca(run_dir: str | os.PathLike, arrays: dict[str, Any]) -> None:
+def write_zca(run_dir: str | os.PathLike | Location, arrays: dict[str, Any]) -> None:
     """Store the ZCA transform's arrays in RUN_DIR/zca.npz atomically (numeric arrays only, so no pickling)."""
     plain = {}
     for name, value in arrays.items():
@@ -321,16 +331,16 @@ def write_zca(run_dir: str | os.PathLike, arrays: dict[str, Any]) -> None:
         plain[name] = arr
     buf = io.BytesIO()
     np.savez(buf, **plain)
-    atomic_write_bytes(Path(run_dir) / ZCA_FILE, buf.getvalue())
+    atomic_write_bytes(location(run_dir) / ZCA_FILE, buf.getvalue())
 
 
-def read_zca(run_dir: str | os.PathLike) -> dict[str, np.ndarray] | None:
+def read_zca(run_dir: str | os.PathLike | Location) -> dict[str, np.ndarray] | None:
     """The arrays saved by `write_zca`, or None when the run used no ZCA (no zca.npz). Never unpickles."""
-    path = Path(run_dir) / ZCA_FILE
+    path = location(run_dir) / ZCA_FILE
     if not path.is_file():
         return None
     try:
-        npz = np.load(path, allow_pickle=False)
+        npz = np.load(io.BytesIO(path.read_bytes()) if isinstance(path, Location) else path, allow_pickle=False)
         if not isinstance(npz, np.lib.npyio.NpzFile):
             raise ValueError("not an .npz archive")
         with npz:
@@ -378,7 +388,7 @@ def grid_pixels(images: np.ndarray, nrow: int, padding: int = 2, pad_value: floa
     return np.round(np.clip(grid, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-def save_grid(path: str | os.PathLike, images: np.ndarray, nrow: int, padding: int = 2, pad_value: float = 1.0) -> None:
+def save_grid(path: str | os.PathLike | Location, images: np.ndarray, nrow: int, padding: int = 2, pad_value: float = 1.0) -> None:
     """Write images (n, C, H, W) in [0, 1] as a PNG grid (see grid_pixels), atomically."""
     pixels = grid_pixels(images, nrow, padding, pad_value)
     c = pixels.shape[2]

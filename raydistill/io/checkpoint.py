@@ -7,7 +7,9 @@ A checkpoint is one file `ckpt-{step:08d}.rdck`: a first text line
 followed by the payload, an ordinary `.npz` archive (readable with `np.load(..., allow_pickle=False)` once the line
 is cut off) holding the arrays plus a `__meta__` entry: the UTF-8 JSON of a metadata dict as a uint8 array. The
 header makes a truncated or bit-flipped file detectable before anything is parsed. Files are written atomically
-(temp file, fsync, os.replace), so a crash leaves the previous checkpoint intact. Loading never unpickles.
+(temp file, fsync, os.replace; on shared storage the store publishes a finished file in one step), so a crash leaves
+the previous checkpoint intact and a partial file never carries a checkpoint's name. Loading never unpickles.
+The folder may be a local path or a run location on shared storage (raydistill.io.store: file://, s3://, ...).
 
 Typical use with a state dict of tensors and numbers (e.g. `MetaOptimizer.state_dict()`):
 
@@ -29,13 +31,13 @@ import os
 import re
 import warnings
 import zipfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from raydistill.io.atomic import atomic_path
+from raydistill.io.store import Location, RunPath, location, one_line
 
 FORMAT_VERSION = 1
 SUFFIX = ".rdck"
@@ -57,9 +59,9 @@ class CheckpointWarning(UserWarning):
     """A newer checkpoint was unusable and an older good one was loaded instead."""
 
 
-def checkpoint_path(folder: str | os.PathLike, step: int) -> Path:
+def checkpoint_path(folder: str | os.PathLike | Location, step: int) -> RunPath:
     """The file name `save_checkpoint` uses for `step` in `folder`."""
-    return Path(folder) / f"ckpt-{step:08d}{SUFFIX}"
+    return location(folder) / f"ckpt-{step:08d}{SUFFIX}"
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -102,8 +104,8 @@ def _check_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def save_checkpoint(
-    folder: str | os.PathLike, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: int = 3
-) -> Path:
+    folder: str | os.PathLike | Location, step: int, arrays: dict[str, np.ndarray], meta: dict, keep: int = 3
+) -> RunPath:
     """Write `folder/ckpt-{step:08d}.rdck` atomically, then delete all but the newest `keep` checkpoints.
 
     arrays: named numeric numpy arrays (object dtype is refused: it would pickle); meta: a JSON-serialisable dict.
@@ -134,22 +136,31 @@ def save_checkpoint(
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _corrupt(path: Path, problem: str) -> CheckpointError:
+def _corrupt(path: RunPath, problem: str) -> CheckpointError:
     return CheckpointError(
         f"{path}: {problem}; delete it and resume from an earlier checkpoint (latest_checkpoint does so)"
     )
 
 
-def _read_verified(path: Path) -> bytes:
+def _read_raw(path: RunPath) -> tuple[bytes, bytes]:
+    """(first line, at most _HEADER_MAX bytes; the rest) of a checkpoint file."""
+    if isinstance(path, Location):
+        data = path.read_bytes()
+        end = data.find(b"\n", 0, _HEADER_MAX)
+        cut = _HEADER_MAX if end < 0 else end + 1
+        return data[:cut], data[cut:]
+    with open(path, "rb") as fh:
+        return fh.readline(_HEADER_MAX), fh.read()
+
+
+def _read_verified(path: RunPath) -> bytes:
     """The payload of `path` after checking header, length and checksum."""
     try:
-        with open(path, "rb") as fh:
-            first = fh.readline(_HEADER_MAX)
-            payload = fh.read()
+        first, payload = _read_raw(path)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such checkpoint file; check the path or use latest_checkpoint") from None
     except OSError as exc:
-        reason = exc.strerror or exc
+        reason = exc.strerror or one_line(exc)
         raise CheckpointError(f"{path}: cannot be read ({reason}); check the path and its permissions") from None
 
     if not first.startswith(_MAGIC):
@@ -177,14 +188,14 @@ def _read_verified(path: Path) -> bytes:
     return payload
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+def load_checkpoint(path: str | os.PathLike | Location) -> tuple[dict[str, np.ndarray], dict]:
     """Read and verify one checkpoint file; returns (arrays, meta).
 
     Header, byte count and SHA-256 are checked before the npz is parsed, and it is parsed with
     `allow_pickle=False`. Raises CheckpointError (one line naming the file) for a missing, foreign, truncated,
     corrupt or unreadable file.
     """
-    path = Path(path)
+    path = location(path)
     payload = _read_verified(path)
     if not payload.startswith(b"PK\x03\x04"):  # keeps np.load on its zip path (no .npy / pickle sniffing)
         raise _corrupt(path, "payload is not an npz archive")
@@ -207,20 +218,20 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     return arrays, meta
 
 
-def checkpoint_step(path: str | os.PathLike) -> int:
+def checkpoint_step(path: str | os.PathLike | Location) -> int:
     """The step a checkpoint file name stands for (`ckpt-00000040.rdck` -> 40)."""
-    match = _NAME_RE.fullmatch(Path(path).name)
+    match = _NAME_RE.fullmatch(location(path).name)
     if match is None:
         raise ValueError(f"{path}: not a checkpoint file name (ckpt-<step>{SUFFIX})")
     return int(match[1])
 
 
-def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
+def list_checkpoints(folder: str | os.PathLike | Location) -> list[RunPath]:
     """Checkpoint files in `folder`, newest (highest step) first; [] when the folder is missing.
 
     Only names `ckpt-<step>.rdck` count: temp files from interrupted writes and other files are ignored.
     """
-    folder = Path(folder)
+    folder = location(folder)
     if not folder.is_dir():
         return []
     found = []
@@ -231,7 +242,7 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
     return [entry for _, _, entry in sorted(found, reverse=True)]
 
 
-def latest_checkpoint(folder: str | os.PathLike) -> tuple[Path, dict[str, np.ndarray], dict] | None:
+def latest_checkpoint(folder: str | os.PathLike | Location) -> tuple[RunPath, dict[str, np.ndarray], dict] | None:
     """The newest checkpoint in `folder` that loads, as (path, arrays, meta); None when there is none at all.
 
     Unusable newer checkpoints (truncated, corrupt) are skipped with a CheckpointWarning each. Raises

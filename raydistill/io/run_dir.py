@@ -1,4 +1,8 @@
-"""The run directory: one self-describing folder per run (config, metrics, artifact, evaluation, image grid)."""
+"""The run directory: one self-describing folder per run (config, metrics, artifact, evaluation, image grid).
+
+A run directory is a local path or a URI (raydistill.io.store): file:///abs/path is the same folder as /abs/path;
+s3://, gs://, ... are written through pyarrow.fs (or fsspec), every file atomically.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from raydistill.io.artifact import (
     write_zca,
 )
 from raydistill.io.atomic import atomic_write_json, atomic_write_text
+from raydistill.io.store import Location, RunPath, location, one_line
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.loading import config_from_dict, config_to_dict, load_config
 from raydistill.data.registry import Dataset
@@ -34,22 +39,24 @@ CONFIG = "config.yaml"
 CHECKPOINTS = "checkpoints"  # the parameter server's checkpoints, inside a run (or a Boost-DD stage) directory
 
 
-def stage_dir(run_dir: Path, index: int) -> Path:
+def stage_dir(run_dir: RunPath, index: int) -> RunPath:
     """The run directory of Boost-DD stage `index` (0-based) inside the boosted run."""
-    return Path(run_dir) / f"stage-{index + 1}"
+    return location(run_dir) / f"stage-{index + 1}"
 
 
-def resume_command(run_dir: str | Path) -> str:
+def resume_command(run_dir: str | Path | Location) -> str:
     """The command that continues the run in `run_dir` (the whole boosted run, for one of its stages)."""
-    path = Path(run_dir)
+    path = location(run_dir)
     if path.name.startswith("stage-") and (path.parent / CONFIG).is_file():
         return f"raydistill boost --resume {path.parent}"
     return f"raydistill distill --resume {path}"
 
 
-def check_fresh(run_dir: str | Path) -> Path:
+def check_fresh(run_dir: str | Path | Location) -> RunPath:
     """The path of a run directory to create: missing or an empty folder; anything else is refused, untouched."""
-    path = Path(run_dir)
+    path = location(run_dir)
+    if isinstance(path, Location):
+        return _check_fresh_remote(path)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"--out: {path} is an existing file, not a directory; choose a new directory")
     if path.is_dir() and any(path.iterdir()):
@@ -62,31 +69,60 @@ def check_fresh(run_dir: str | Path) -> Path:
     return path
 
 
-def prepare(run_dir: str | Path) -> Path:
+def _check_fresh_remote(path: Location) -> Location:
+    try:
+        if path.is_file():
+            raise ConfigError(f"--out: {path} is an existing file, not a directory; choose a new directory")
+        if next(path.iterdir(), None) is not None:
+            raise ConfigError(f"--out: {path} already exists and is not empty; choose a new directory or remove it")
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot reach {path} ({one_line(exc)}); check the URI and its credentials") from None
+    return path
+
+
+def prepare(run_dir: str | Path | Location) -> RunPath:
     """Create a fresh run directory; an existing non-empty one is never written into."""
     path = check_fresh(run_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"--out: cannot create {path} ({exc.strerror}); choose a writable location") from None
+        raise ConfigError(f"--out: cannot create {path} ({exc.strerror or one_line(exc)}); choose a writable "
+                          "location") from None
     return path
 
 
-def resumable_config(run_dir: Path) -> DistillConfig | None:
+def resumable_config(run_dir: RunPath) -> DistillConfig | None:
     """The config of an interrupted run to continue; None when the run already finished (it is left alone)."""
-    if not (run_dir / CONFIG).is_file():
-        raise ConfigError(f"--resume: {run_dir} holds no {CONFIG}; pass the directory of an earlier run")
-    if (run_dir / ARTIFACT).exists():
-        return None
-    return load_config(str(run_dir / CONFIG))
+    run_dir = location(run_dir)
+    try:
+        if not (run_dir / CONFIG).is_file():
+            raise ConfigError(f"--resume: {run_dir} holds no {CONFIG}; pass the directory of an earlier run")
+        if (run_dir / ARTIFACT).exists():
+            return None
+        if isinstance(run_dir, Path):
+            return load_config(str(run_dir / CONFIG))
+        text = (run_dir / CONFIG).read_text()
+    except OSError as exc:
+        raise ConfigError(f"--resume: cannot read {run_dir} ({one_line(exc)}); check the URI and its "
+                          "credentials") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{run_dir / CONFIG}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    return config_from_dict(data)
 
 
-def write_config(run_dir: Path, cfg: DistillConfig) -> None:
-    atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def write_config(run_dir: RunPath, cfg: DistillConfig) -> None:
+    """The run's config.yaml: the first file of a new run, so a location that cannot be written fails here."""
+    try:
+        atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    except OSError as exc:
+        raise ConfigError(f"--out: cannot write {run_dir / CONFIG} ({exc.strerror or one_line(exc)}); choose a "
+                          "writable location") from None
 
 
 def save_distilled(
-    run_dir: Path,
+    run_dir: RunPath,
     learnables: dict[str, torch.Tensor],
     hard_labels: torch.Tensor,
     blocks: torch.Tensor | None,
@@ -123,6 +159,7 @@ def save_distilled(
         blocks=torch.zeros(len(images), dtype=torch.int32) if blocks is None else blocks.cpu().int(),
         metadata=metadata,
     )
+    run_dir = location(run_dir)
     if dataset.zca is not None:
         write_zca(run_dir, dataset.zca.to_arrays())
     write_distilled(run_dir / ARTIFACT, dset)
@@ -158,10 +195,14 @@ def stretch(images: np.ndarray) -> np.ndarray:
     return (images - lo) / np.maximum(hi - lo, 1e-8)
 
 
-def load_run(run_dir: str | Path) -> tuple[DistilledSet, DistillConfig]:
+def load_run(run_dir: str | Path | Location) -> tuple[DistilledSet, DistillConfig]:
     """The distilled set of a run and the config it was made with (validated again: paths may have moved)."""
-    path = Path(run_dir)
-    if not path.is_dir():
+    path = location(run_dir)
+    try:
+        found = path.is_dir()
+    except OSError as exc:
+        raise ConfigError(f"RUN_DIR: cannot reach {path} ({one_line(exc)}); check the URI and its credentials") from None
+    if not found:
         raise ConfigError(f"RUN_DIR: {path} is not a directory; pass the --out folder of a 'raydistill distill' run")
     dset = read_distilled(path / ARTIFACT)
     if not isinstance(dset.metadata.get("config"), dict):
@@ -171,9 +212,9 @@ def load_run(run_dir: str | Path) -> tuple[DistilledSet, DistillConfig]:
     return dset, cfg
 
 
-def write_eval(run_dir: Path, report: dict) -> dict:
+def write_eval(run_dir: RunPath, report: dict) -> dict:
     """Write eval.json, keeping results already there for architectures this report did not cover."""
-    path = run_dir / EVAL
+    path = location(run_dir) / EVAL
     if path.exists():
         try:
             old = json.loads(path.read_text())

@@ -13,6 +13,7 @@ import numpy as np
 from raydistill.config import DistillConfig
 from raydistill.io.tensorboard import TENSORBOARD, tensorboard_command
 from raydistill.io.artifact import BUDGETS_FILE, EVAL_FILE, METRICS_FILE, ArtifactError, read_distilled
+from raydistill.io.store import Location, RunPath, location, one_line
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}  # any other section is the method's
 
@@ -25,7 +26,7 @@ def _accuracy(entry: dict) -> str:
     return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.eval.evaluate)
 
 
-def _eval_lines(path: Path) -> list[str]:
+def _eval_lines(path: RunPath) -> list[str]:
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
         baseline = report.get("baseline") or {}
@@ -40,7 +41,7 @@ def _eval_lines(path: Path) -> list[str]:
         return [f"eval:     {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval'"]
 
 
-def _budget_lines(path: Path) -> list[str]:
+def _budget_lines(path: RunPath) -> list[str]:
     """One line per nested budget of a Boost-DD set: distilled prefix vs a random subset of the same size."""
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
@@ -54,7 +55,7 @@ def _budget_lines(path: Path) -> list[str]:
         return [f"budgets:  {path.name} is unreadable ({type(exc).__name__}: {exc}); re-run 'raydistill eval --budgets'"]
 
 
-def _last_metrics(path: Path) -> str | None:
+def _last_metrics(path: RunPath) -> str | None:
     # The last line can be half-written after a crash (append_jsonl is not atomic): use the last one that parses.
     for line in reversed(path.read_text(encoding="utf-8", errors="replace").splitlines()):
         try:
@@ -66,10 +67,23 @@ def _last_metrics(path: Path) -> str | None:
     return None
 
 
-def summarise(run_dir: str | os.PathLike) -> str:
+def _has_tensorboard(run: RunPath) -> bool:
+    """Event files in the run, or (a boosted run) in one of its stages."""
+    if isinstance(run, Path):
+        return any(run.glob(f"**/{TENSORBOARD}"))
+    return (run / TENSORBOARD).is_dir() or any(
+        (stage / TENSORBOARD).is_dir() for stage in run.iterdir() if stage.name.startswith("stage-"))
+
+
+def summarise(run_dir: str | os.PathLike | Location) -> str:
     """The text `raydistill show RUN_DIR` prints: what was distilled, how, and how well it evaluated."""
-    run = Path(run_dir)
-    if not run.is_dir():
+    run = location(run_dir)
+    try:
+        found = run.is_dir()
+    except OSError as exc:
+        raise ArtifactError(f"{run}: cannot be reached ({one_line(exc)}); check the location and its "
+                            "credentials") from None
+    if not found:
         raise ArtifactError(f"{run}: no such run directory; check the path or run 'raydistill distill' first")
     dset = read_distilled(run)  # the whole set is checked (labels in range, rows, shapes), not only its header
     meta, n, classes = dset.metadata, len(dset.labels), dset.num_classes
@@ -104,6 +118,6 @@ def summarise(run_dir: str | os.PathLike) -> str:
         last = _last_metrics(run / METRICS_FILE)
         if last is not None:
             lines.append(f"last:     {last}")
-    if any(run.glob(f"**/{TENSORBOARD}")):  # the run's own, or a boosted run's stages
+    if _has_tensorboard(run):  # the run's own, or a boosted run's stages
         lines.append(f"curves:   {tensorboard_command(run)}  (pip install tensorboard to view)")
     return "\n".join(lines)

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import ray
 import yaml
-from pyarrow import fs as pafs
 from ray import tune
 from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -23,6 +22,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.trackers import check_usable, merged
 from raydistill.distributed.cluster import connect, worker_resources
+from raydistill.io.atomic import atomic_write_bytes
+from raydistill.io.store import RunPath, location
 from raydistill.tune.report import params_text, write_outputs
 from raydistill.tune.space import corners, describe_space, make_searcher, planned_trials, search_space
 from raydistill.tune.sweep import RUNG_METRIC, TIME_ATTR, Sweep, load_sweep, total_steps
@@ -41,11 +42,12 @@ def check_trusted_storage(sweep: Sweep) -> None:
 
     Tune.restore unpickles the experiment state, so whoever can write that folder can run code as this user. The
     folder and every folder above it must be writable by their owner only (a sticky folder such as /tmp is fine:
-    others cannot replace what is in it). A URI's access is the storage's own (bucket policies); see the README.
+    others cannot replace what is in it). A file:// URI is that local folder; any other URI's access is the
+    storage's own (bucket policies); see the README.
     """
-    if "://" in sweep.storage:
+    folder = location(sweep.experiment_path())
+    if not isinstance(folder, Path):
         return
-    folder = Path(sweep.experiment_path())
     for path in [folder, *folder.parents]:
         if not path.exists():
             continue
@@ -156,17 +158,13 @@ def experiment_exists(sweep: Sweep) -> bool:
     return tune.Tuner.can_restore(sweep.experiment_path())
 
 
-def _record(sweep: Sweep) -> tuple[pafs.FileSystem, str]:
-    filesystem, folder = pafs.FileSystem.from_uri(sweep.experiment_path())  # a local folder, s3://, gs://, ...
-    return filesystem, f"{folder.rstrip('/')}/{SWEEP_RECORD}"
+def _record(sweep: Sweep) -> RunPath:
+    return location(sweep.experiment_path()) / SWEEP_RECORD  # a local folder, file://, s3://, gs://, ...
 
 
 def record_sweep(sweep: Sweep) -> None:
-    """Keep the sweep file in the experiment folder, for --resume to compare against."""
-    filesystem, path = _record(sweep)
-    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with filesystem.open_output_stream(path) as fh:
-        fh.write(Path(sweep.source).read_bytes())
+    """Keep the sweep file in the experiment folder (written atomically), for --resume to compare against."""
+    atomic_write_bytes(_record(sweep), Path(sweep.source).read_bytes())
 
 
 def check_same_sweep(sweep: Sweep) -> None:
@@ -175,12 +173,11 @@ def check_same_sweep(sweep: Sweep) -> None:
     The files are compared as YAML data, so comments and layout may change; a changed value may not (Tune's searcher
     state and the finished trials belong to the old search space).
     """
-    filesystem, path = _record(sweep)
-    if filesystem.get_file_info(path).type == pafs.FileType.NotFound:  # its trials would not match this trainable
+    path = _record(sweep)
+    if not path.exists():  # its trials would not match this trainable
         raise ConfigError(f"--resume: the experiment has no {SWEEP_RECORD} (an older raydistill started it); start a "
                           f"new sweep under another name")
-    with filesystem.open_input_stream(path) as fh:
-        recorded = yaml.safe_load(fh.read().decode())
+    recorded = yaml.safe_load(path.read_text())
     if yaml.safe_load(Path(sweep.source).read_text()) != recorded:
         raise ConfigError(f"--resume: {sweep.source} changed since the experiment started (its copy: {path}); "
                           f"restore the file, or start a new sweep under another name")

@@ -7,6 +7,7 @@ ASHA), `error` (failed past max_failures) or `rejected` (the config validator re
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ import numpy as np
 import yaml
 
 from raydistill.config.loading import config_to_dict
-from raydistill.io.atomic import atomic_write_text
+from raydistill.io.atomic import atomic_write_bytes, atomic_write_text
+from raydistill.io.store import RunPath, location
 from raydistill.tune.sweep import REJECTED, RUNG_METRIC, TIME_ATTR, TOTAL_ATTR, Sweep, trial_config
 
 STATUS_ORDER = {"done": 0, "stopped": 1, "error": 2, "rejected": 3}
@@ -63,10 +65,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def output_dir(sweep: Sweep, out: str | os.PathLike | None) -> Path:
-    """Where the outputs go: `out`, else the experiment folder (or runs/tune/NAME for remote storage)."""
+def output_dir(sweep: Sweep, out: str | os.PathLike | None) -> RunPath:
+    """Where the outputs go: `out` (a path or a URI), else the experiment folder (or runs/tune/NAME for remote
+    storage)."""
     if out is not None:
-        return Path(out)
+        return location(out)
     if "://" in sweep.storage:
         return Path("runs") / "tune" / sweep.name
     return Path(sweep.experiment_path())
@@ -78,12 +81,11 @@ def write_outputs(sweep: Sweep, grid, out: str | os.PathLike | None = None) -> d
     folder.mkdir(parents=True, exist_ok=True)
     rows = result_rows(sweep, grid)
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = folder / ".results.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, folder / "results.csv")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(folder / "results.csv", text.getvalue())
     print(summary_table(sweep, rows))
     summary = {"rows": rows, "results": str(folder / "results.csv"), "best": None, "best_preset": None, "plot": None}
     finished = [r for r in rows if r["status"] == "done" and r[sweep.metric] is not None]
@@ -120,7 +122,7 @@ def summary_table(sweep: Sweep, rows: list[dict]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)) + "  " + line[-1] for line in lines)
 
 
-def plot(sweep: Sweep, rows: list[dict], path: Path) -> str | None:
+def plot(sweep: Sweep, rows: list[dict], path: RunPath) -> str | None:
     """The metric against each swept parameter: filled dots ran to the end, hollow ones were stopped early."""
     try:
         import matplotlib  # here, not at the top: only the plot needs it, and it is slow to import
@@ -164,8 +166,10 @@ def plot(sweep: Sweep, rows: list[dict], path: Path) -> str | None:
     axes[0][0].set_title("stopped trials: val_acc when stopped", fontsize=8)
     fig.suptitle(f"sweep {sweep.name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    picture = io.BytesIO()
+    fig.savefig(picture, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, picture.getvalue())
     return str(path)
 
 

@@ -19,6 +19,7 @@ import yaml
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.loading import config_from_dict, read_preset, set_dotted
 from raydistill.config.trackers import check_usable, parse_trackers
+from raydistill.io.store import check_scheme
 from raydistill.synset.boost import cumulative_budgets, schedule
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
@@ -112,6 +113,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
         sweep.max_concurrent_trials = _int(raw["max_concurrent_trials"], "max_concurrent_trials", 1)
     sweep.head_cpus = _number(raw.get("head_cpus", 0.0), "head_cpus", 0.0)
     sweep.storage = str(raw.get("storage", sweep.storage))
+    check_scheme(sweep.storage, "storage")  # Tune opens it; a scheme nothing knows is refused before Ray starts
     if "://" not in sweep.storage and not os.path.isabs(os.path.expanduser(sweep.storage)):
         sweep.storage = str(Path.cwd() / sweep.storage)
     sweep.scheduler = _parse_scheduler(raw.get("scheduler", {"name": "asha"}))
