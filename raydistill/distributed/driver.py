@@ -44,7 +44,7 @@ from raydistill.io import run_dir as rundir
 from raydistill.io.atomic import append_jsonl, atomic_write_text
 from raydistill.io.checkpoint import CheckpointWarning
 from raydistill.io.progress import progress_bar
-from raydistill.io.store import check_shared, location, publish_local_dir
+from raydistill.io.store import check_shared, location, one_line, publish_local_dir
 from raydistill.methods.registry import get_method
 from raydistill.synset.synthetic import SyntheticSet, init_synthetic
 
@@ -119,7 +119,7 @@ class Run:
             try:
                 return fn(path, *args)
             except OSError as exc:
-                error = f"{exc.strerror or exc} ({exc.filename or path})"
+                error = f"{exc.strerror or one_line(exc)} ({exc.filename or path})"
                 if attempt == self.cfg.ray.write_retries:
                     raise EngineError(f"cannot write {path}: {error}, {attempt} tries; fix the storage, then "
                                       f"continue with: {rundir.resume_command(self.run)}") from None

@@ -17,7 +17,7 @@ from raydistill.config.loading import config_from_dict
 from raydistill.distributed.backend import BACKENDS
 from raydistill.io.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
 from raydistill.io.run_dir import CHECKPOINTS
-from raydistill.io.store import location
+from raydistill.io.store import location, one_line
 from raydistill.methods.registry import get_method
 from raydistill.synset.meta_update import MetaOptimizer
 
@@ -148,7 +148,7 @@ class ParameterServer:
             self.checkpoint()
         except OSError as exc:
             self.checkpoint_failures += 1
-            return f"{exc.strerror or exc} ({exc.filename or self.checkpoints})"
+            return f"{exc.strerror or one_line(exc)} ({exc.filename or self.checkpoints})"
         self.checkpoint_failures = 0
         return None
 
