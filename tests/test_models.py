@@ -6,6 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from raydistill.config import ConfigError
+from raydistill.models.layers import InstanceNorm, instance_norm, set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
 from raydistill.models.registry import MODELS, create_model
 
@@ -80,7 +81,7 @@ def test_unknown_norm_and_too_deep_convnet():
 def test_norm_option_picks_modules(name):
     def kinds(norm):
         model = create_model(name, 3, 10, 32, width=8, norm=norm)
-        return {type(m) for m in model.modules()}
+        return {base for m in model.modules() for base in type(m).__mro__}  # InstanceNorm counts as a GroupNorm
 
     assert nn.GroupNorm in kinds("instance") and nn.BatchNorm2d not in kinds("instance")
     assert nn.BatchNorm2d in kinds("batch") and nn.GroupNorm not in kinds("batch")
@@ -148,3 +149,61 @@ def test_convnet_gradcheck_hessian_vector():
         return g
 
     assert torch.autograd.gradcheck(grad_of_head, (x,))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_instance_norm_first_and_second_derivatives_match_finite_differences(layout):
+    """The analytic backward and double backward of the fused instance norm, by gradcheck and gradgradcheck."""
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(3, 4, 5, 6, generator=g, dtype=torch.float64) + 1).contiguous(memory_format=layout)
+    weight = torch.randn(4, generator=g, dtype=torch.float64)
+    bias = torch.randn(4, generator=g, dtype=torch.float64)
+    inputs = tuple(t.requires_grad_(True) for t in (x, weight, bias))
+    assert torch.autograd.gradcheck(instance_norm, inputs)
+    assert torch.autograd.gradgradcheck(instance_norm, inputs)
+    # The double backward on its own inputs, including a large eps (where <xhat^2> is far from 1).
+    assert torch.autograd.gradgradcheck(lambda a, b, c: instance_norm(a, b, c, eps=0.5), inputs)
+
+
+def test_instance_norm_module_is_group_norm_with_one_channel_per_group():
+    torch.manual_seed(0)
+    ours, plain = InstanceNorm(6), nn.GroupNorm(6, 6)
+    with torch.no_grad():
+        for p in (*ours.parameters(), *plain.parameters()):
+            p.copy_(torch.randn_like(p))
+    plain.load_state_dict(ours.state_dict())
+    assert ours.state_dict().keys() == plain.state_dict().keys()
+    x = torch.randn(4, 6, 7, 7, dtype=torch.float64, requires_grad=True)
+    ours, plain = ours.double(), plain.double()
+    torch.testing.assert_close(ours(x), plain(x), rtol=1e-12, atol=1e-12)
+    # First and second derivatives agree with autograd's own group norm.
+    def second(norm):
+        out = norm(x)
+        grads = torch.autograd.grad((out.sin() * out).sum(), [x, *norm.parameters()], create_graph=True)
+        return torch.autograd.grad(sum((g * g).sum() for g in grads), [x, *norm.parameters()])
+
+    for a, b in zip(second(ours), second(plain)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
+    assert isinstance(create_model("convnet", 3, 10, 32, width=8).body[0][0].norm, InstanceNorm)
+
+
+@pytest.mark.parametrize("name", ["convnet", "alexnet"])
+def test_channels_last_convolutions_change_nothing_but_the_layout(name):
+    """Value, gradient and double-backward gradient with NHWC convolutions equal the NCHW ones (float64)."""
+    torch.manual_seed(0)
+    model = create_model(name, 3, 4, 16, width=6).double()
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64, requires_grad=True)
+    params = dict(model.named_parameters())
+
+    def run():
+        out = functional_call(model, params, (x,))
+        grads = torch.autograd.grad(out.logsumexp(1).sum(), list(params.values()), create_graph=True)
+        (gx,) = torch.autograd.grad(sum((g * g).sum() for g in grads), x)
+        return out, gx
+
+    assert set_conv_channels_last(model, False) > 0
+    plain = run()
+    assert set_conv_channels_last(model, True) > 0
+    nhwc = run()
+    for a, b in zip(plain, nhwc):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -5,20 +5,150 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from raydistill.models.registry import make_norm
 
+_aten = torch.ops.aten
+
+
+def _stats(t: Tensor) -> Tensor:
+    """Sum over the spatial positions of each (sample, channel), kept as (N, C, 1, 1) for broadcasting."""
+    return t.sum((2, 3), keepdim=True)
+
+
+class _InstanceNormBackward(torch.autograd.Function):
+    """The backward of instance norm, (gy, x, gamma) -> (gx, dgamma, dbeta), with an analytic backward of its own.
+
+    Per (sample, channel), with M spatial positions, <.> the spatial mean, r = 1/sqrt(var + eps) and
+    xhat = (x - mean) r: the first derivative is gx = gamma w with w = r (gy - <gy> - xhat k), k = <gy xhat>,
+    dgamma = sum gy xhat and dbeta = sum gy. Given the incoming (u, p, q) for (gx, dgamma, dbeta) and
+    v = r (u - <u> - xhat <u xhat>) (the same symmetric projection, applied to u):
+
+        d/dgy    = gamma v + p xhat + q
+        d/dgamma = sum v gy
+        d/dx     = -r (xhat <u gx> + gamma k v + <u xhat> gx) + p w
+
+    Every map above is affine in (gy, x, u) with per-(sample, channel) coefficients, so each output is one or two
+    fused elementwise passes after a few spatial sums, instead of autograd's composite double backward of group norm.
+    The value and the first derivative come from the native group-norm kernels. `tests/test_models.py` checks both
+    derivatives with gradcheck and gradgradcheck in float64.
+    """
+
+    @staticmethod
+    def forward(ctx, gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
+        n, c = x.shape[:2]
+        gx, dgamma, dbeta = _aten.native_group_norm_backward(gy, x, mean.view(n, c), rstd.view(n, c), weight, n, c,
+                                                             x.shape[2] * x.shape[3], c, [True, True, True])
+        ctx.save_for_backward(gy, x, weight, mean, rstd)
+        return gx, dgamma, dbeta
+
+    @staticmethod
+    def backward(ctx, u: Tensor, p: Tensor, q: Tensor):
+        gy, x, weight, mean, rstd = ctx.saved_tensors
+        m = x.shape[2] * x.shape[3]
+        mean_gy = _stats(gy) / m
+        k = rstd * (_stats(gy * x) / m - mean * mean_gy)  # <gy xhat>
+        r, gamma, p4, q4 = rstd, weight.view(1, -1, 1, 1), p.view(1, -1, 1, 1), q.view(1, -1, 1, 1)
+        mean_u, mean_ux = _stats(u) / m, _stats(u * x) / m
+        ku = r * (mean_ux - mean * mean_u)  # <u xhat>
+        bv = -r * r * ku  # v = r u + bv x + cv
+        cv = -bv * mean - r * mean_u
+        d_gy = d_x = d_weight = None
+        if ctx.needs_input_grad[0]:  # gamma v + p xhat + q
+            d_gy = torch.addcmul(gamma * cv - p4 * r * mean + q4, u, gamma * r) + x * (gamma * bv + p4 * r)
+        mean_ugy = _stats(u * gy) / m if (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]) else None
+        if ctx.needs_input_grad[2]:  # sum v gy = sum_n M (r <u gy> + bv <x gy> + cv <gy>)
+            mean_xgy = k / r + mean * mean_gy  # <gy x>, from k = r (<gy x> - mean <gy>)
+            d_weight = ((r * mean_ugy + bv * mean_xgy + cv * mean_gy) * m).sum((0, 2, 3))
+        if ctx.needs_input_grad[1]:
+            bw = -r * r * k  # w = r gy + bw x + cw; gx = gamma w
+            cw = -bw * mean - r * mean_gy
+            a_gx, b_gx, c_gx = gamma * r, gamma * bw, gamma * cw
+            mean_ugx = a_gx * mean_ugy + b_gx * mean_ux + c_gx * mean_u  # <u gx>
+            # d_x = -r (xhat <u gx> + gamma k v + ku gx) + p w, expanded into coefficients of u, gy and x
+            coef_u = -r * gamma * k * r
+            coef_gy = -r * ku * a_gx + p4 * r
+            coef_x = -r * (r * mean_ugx + gamma * k * bv + ku * b_gx) + p4 * bw
+            const = -r * (-r * mean * mean_ugx + gamma * k * cv + ku * c_gx) + p4 * cw
+            d_x = torch.addcmul(torch.addcmul(const, u, coef_u), gy, coef_gy) + x * coef_x
+        return d_gy, d_x, d_weight, None, None
+
+
+class _InstanceNorm(torch.autograd.Function):
+    """Instance norm with a learnable per-channel affine (the native group-norm kernel); its backward is itself an
+    autograd Function, so the unrolled inner loop's double backward is analytic."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
+        n, c = x.shape[:2]
+        y, mean, rstd = _aten.native_group_norm(x, weight, bias, n, c, x.shape[2] * x.shape[3], c, eps)
+        mean, rstd = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy: Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        gx, dgamma, dbeta = _InstanceNormBackward.apply(gy, x, weight, mean, rstd)
+        return gx, dgamma, dbeta, None
+
+
+def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """GroupNorm with one channel per group and an affine, as `F.group_norm(x, C, weight, bias, eps)` computes it."""
+    return _InstanceNorm.apply(x, weight, bias, eps)
+
+
+class InstanceNorm(nn.GroupNorm):
+    """`nn.GroupNorm(c, c, affine=True)` (same parameters, init, state dict and value) with the analytic double
+    backward of `instance_norm`: the norm of the inner loop, whose second derivative every meta-gradient pays for."""
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__(channels, channels, eps=eps, affine=True)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4:
+            return super().forward(x)
+        if x.shape[0] * x.shape[2] * x.shape[3] == 1:  # F.group_norm's own check: one value per channel and group
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
+        return instance_norm(x, self.weight, self.bias, self.eps)
+
+
+def norm_layer(norm: str, channels: int) -> nn.Module:
+    """`make_norm`, with instance norm as the `InstanceNorm` above (the same function, a cheaper double backward)."""
+    return InstanceNorm(channels) if norm == "instance" else make_norm(norm, channels)
+
 
 class ConvNormReLU(nn.Module):
-    """conv -> norm -> ReLU, the building block of the plain (non-residual) nets."""
+    """conv -> norm -> ReLU, the building block of the plain (non-residual) nets.
+
+    With `conv_channels_last` set (see `set_conv_channels_last`), the convolution runs on an NHWC copy of its input
+    and its output returns to NCHW: on CPU, oneDNN's NHWC convolutions (forward and both backward products) are
+    faster than its NCHW ones, while the NCHW group-norm kernels are much faster than the NHWC ones. The value is
+    the same; only the memory layout of the convolution changes.
+    """
+
+    conv_channels_last = False
 
     def __init__(self, cin: int, cout: int, kernel: int, padding: int, norm: str):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel, padding=padding, bias=True)
-        self.norm = make_norm(norm, cout)
+        self.norm = norm_layer(norm, cout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.conv(x)))
+        if self.conv_channels_last and x.dim() == 4:
+            y = self.conv(x.contiguous(memory_format=torch.channels_last)).contiguous()
+        else:
+            y = self.conv(x)
+        return F.relu(self.norm(y))
+
+
+def set_conv_channels_last(model: nn.Module, enabled: bool) -> int:
+    """Run every ConvNormReLU convolution of `model` in NHWC (or not); returns how many blocks it set."""
+    blocks = [m for m in model.modules() if isinstance(m, ConvNormReLU)]
+    for block in blocks:
+        block.conv_channels_last = enabled
+    return len(blocks)
 
 
 class BasicBlock(nn.Module):

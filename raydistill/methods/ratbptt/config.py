@@ -23,6 +23,8 @@ class RatBpttConfig:
     batch_per_class: int | None = None  # None: every synthetic image of a chosen class
     classes_per_step: int | None = None  # None: every class
     real_batch: int = 256
+    # Speed options (none changes the function differentiated; see benchmarks/README.md for what each one buys):
+    channels_last: bool = False  # ConvNormReLU convolutions in NHWC, norms in NCHW (slower on the 2-core CPU)
 
 
 def validate_section(r: RatBpttConfig) -> None:

@@ -22,6 +22,7 @@ from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import make_inner_optimizer
+from raydistill.models.layers import set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
 
 
@@ -103,6 +104,7 @@ def unrolled_meta_loss(
     num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
     by_class = class_indices(hard_labels, num_classes)
     model = seeded_network(model_factory, rng, images)
+    set_conv_channels_last(model, cfg.channels_last)
     names = [n for n, _ in model.named_parameters()]
     params = [p.detach() for _, p in model.named_parameters()]
     opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)

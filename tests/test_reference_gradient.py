@@ -1,0 +1,98 @@
+"""raydistill's meta-gradient equals the official algorithm's (benchmarks/reference_higher.py, built on `higher`).
+
+The reference trains the plain network (nn.GroupNorm, NCHW) with torch.optim.Adam, back-propagates every prefix step
+into the synthetic images and discards that gradient, and unrolls the window under higher's monkeypatched module and
+differentiable Adam; raydistill runs a graph-free prefix, its own functional Adam, the analytic instance-norm double
+backward and (optionally) the channels-last layout. Same seeds, float64: the gradients must agree to 1e-5 relative.
+"""
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raydistill.config import AugmentConfig
+from raydistill.methods.ratbptt.config import RatBpttConfig
+from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.models.layers import InstanceNorm
+from raydistill.models.registry import create_model
+
+import higher  # noqa: E402,F401  (the test extra installs it; a missing reference must fail here, not skip)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_higher import reference_meta_gradient  # noqa: E402
+
+CLASSES, IPC, SIDE = 3, 2, 8
+
+
+def factory():
+    return create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
+
+
+@pytest.fixture
+def problem():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(CLASSES * IPC, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    hard = torch.arange(CLASSES).repeat_interleave(IPC)
+    real_x = torch.randn(40, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
+    real_y = torch.randint(0, CLASSES, (40,), generator=g)
+    return images, hard, real_x, real_y
+
+
+def relative_error(ours, ref):
+    return ((ours - ref).norm() / ref.norm()).item()
+
+
+CASES = {
+    "fixed window, whole set, no augmentation": (
+        RatBpttConfig(unroll=7, window=4, window_mode="fixed", fixed_start=3, inner_lr=0.01, real_batch=16),
+        AugmentConfig(strategies=[]), False),
+    "random window, minibatches, augmentation, learned labels": (
+        RatBpttConfig(unroll=6, window=3, window_mode="random", inner_lr=0.01, real_batch=16, batch_per_class=1,
+                      classes_per_step=2),
+        AugmentConfig(strategies=["flip", "rotate", "crop"]), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_meta_gradient_equals_the_higher_reference(problem, case, channels_last):
+    images, hard, real_x, real_y = problem
+    cfg, aug, learn_labels = CASES[case]
+    cfg = replace(cfg, channels_last=channels_last)
+    soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1 if learn_labels else None
+    assert any(isinstance(m, InstanceNorm) for m in factory().modules())  # raydistill's side runs the fused norm
+    for seed in (3, 11):
+        ours = meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, aug, seed)
+        ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, factory,
+                                                                   cfg, aug, seed)
+        assert ours.meta_loss == pytest.approx(ref_loss, rel=1e-10)
+        assert ref_images.abs().max() > 0
+        assert relative_error(ours.images, ref_images) < 1e-5
+        torch.testing.assert_close(ours.images, ref_images, rtol=1e-5, atol=1e-5 * ref_images.abs().max().item())
+        if learn_labels:
+            assert relative_error(ours.labels, ref_labels) < 1e-5
+
+
+def test_reference_prefix_reaches_the_synthetic_set_and_is_discarded(problem):
+    """The reference pays for the prefix's backward into the images, yet its gradient is the truncated one: a
+    longer prefix with the same window changes the gradient only through the network it trains."""
+    images, hard, real_x, real_y = problem
+    cfg = RatBpttConfig(unroll=7, window=4, window_mode="fixed", fixed_start=3, inner_lr=0.01, real_batch=16)
+    calls = []
+    original = torch.Tensor.backward
+
+    def spy(tensor, *args, **kwargs):
+        calls.append(tensor)
+        return original(tensor, *args, **kwargs)
+
+    torch.Tensor.backward = spy
+    try:
+        ref, _, _ = reference_meta_gradient(images, hard, None, real_x, real_y, factory, cfg, AugmentConfig(strategies=[]), 5)
+    finally:
+        torch.Tensor.backward = original
+    assert len(calls) == cfg.fixed_start + 1  # one backward per prefix step, and the meta-loss's
+    ours = meta_gradient(images, hard, None, real_x, real_y, factory, cfg, AugmentConfig(strategies=[]), 5)
+    assert relative_error(ours.images, ref) < 1e-5
