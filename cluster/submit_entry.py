@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         print("submit_entry: error: --in-process runs without Ray, so it would not use the cluster; drop it",
               file=sys.stderr)
         return 2
-    from raydistill.cli import main as raydistill_main  # the installed package (pinned in the cluster files)
-
+    try:
+        from raydistill.cli import main as raydistill_main  # the installed package (pinned in the cluster files)
+    except ImportError as exc:
+        print(f"submit_entry: error: raydistill is not installed on this node ({exc}); install the same wheel on "
+              "every node (cluster/README.md, step 1) or use a cluster file from cluster/", file=sys.stderr)
+        return 2
     return raydistill_main(cluster_args(argv))
 
 

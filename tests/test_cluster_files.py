@@ -9,6 +9,8 @@ import importlib.util
 import os
 import re
 import socket
+import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -235,3 +237,14 @@ def test_entry_refuses_in_process_in_one_line(entry, capsys):
     assert entry.calls == []
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--in-process" in err
+
+
+def test_entry_on_a_node_without_raydistill_is_one_line():
+    """A node whose Python lacks raydistill (a cluster set up by hand): one line naming the fix, exit 2."""
+
+    # -I: isolated mode (no site-packages of this venv's editable install on the path, no PYTHONPATH); -S: no site.
+    done = subprocess.run([sys.executable, "-I", "-S", str(CLUSTER / "submit_entry.py"), "--", "distill", "--preset",
+                           "quickstart"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "raydistill is not installed on this node" in lines[0], done.stderr
