@@ -48,7 +48,10 @@ def connect(address: str | None) -> bool:
     local = not target or target.split("://")[-1].startswith(("127.", "localhost"))
     try:
         with loopback_only(local):
-            ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+            # "local": a Ray of its own, never whichever cluster this machine last started (ray.init's default
+            # joins the one named in /tmp/ray/ray_current_cluster); a cluster is joined only when named.
+            ray.init(address=address or (None if os.environ.get("RAY_ADDRESS") else "local"), include_dashboard=False,
+                     logging_level=logging.WARNING, log_to_driver=True,
                      **({"_node_ip_address": LOOPBACK} if local else {}))
     except ConnectionError as exc:
         raise ConfigError(f"ray.address: cannot reach a Ray cluster at {address!r} ({exc}); start one with "
