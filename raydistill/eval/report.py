@@ -170,6 +170,6 @@ def format_report(report: dict) -> str:
             entries = {RANDOM: report["baseline"][arch]}
         for name, entry in entries.items():
             variant = f" ({entry['best']})" if "best" in entry else ""
-            lines.append(f"    {LABELS.get(name, name) + ':':21s}{_percent(entry)}{variant:12s}"
+            lines.append(f"    {LABELS.get(name, name) + ':':21s}{_percent(entry)}{variant:13s}"
                          f"gain {res['mean'] - entry['mean']:+.2f} points")
     return "\n".join(lines)
