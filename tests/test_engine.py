@@ -216,3 +216,28 @@ def test_a_node_holds_as_many_workers_as_every_resource_allows():
     assert workers_that_fit({"CPU": 1.0, "GPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 1
     assert workers_that_fit({"CPU": 8.0, "GPU": 2.0}, {"GPU": 0.5, "CPU": 1.0}) == 4
     assert workers_that_fit({"CPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 0
+
+
+class GoesBackSilently(ParameterServer):
+    """At step 5 the server "restarts" inside a call and answers from its newest checkpoint (step 4), as a server Ray
+    restarted and retried the call on does: the driver sees no error, only a step that went back."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.args, self.went_back = args, False
+
+    def snapshot(self) -> dict:
+        if self.step == 5 and not self.went_back:
+            args = self.args
+            ParameterServer.__init__(self, *args)  # a fresh server on the same run directory: it restores step 4
+            self.args, self.went_back = args, True
+            assert self.step == 4
+        return super().snapshot()
+
+
+@needs_fashion
+def test_steps_redone_after_a_silent_server_restart_are_logged_once(tmp_path):
+    distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False, server_cls=GoesBackSilently)
+    distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
+    assert metric_steps(tmp_path / "run") == list(range(1, STEPS + 1))
+    assert torch.equal(images_of(tmp_path / "run"), images_of(tmp_path / "straight"))

@@ -96,6 +96,7 @@ class Run:
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()
+        self.last_recorded = 0  # the last meta-step with a line in metrics.jsonl
 
     # ------------------------------------------------------------------------------------------ bookkeeping
 
@@ -107,11 +108,21 @@ class Run:
                 warnings.warn(note, CheckpointWarning, stacklevel=2)
         step = status["step"]
         self.write(keep_metrics_up_to, self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
+        self.last_recorded = step
         self.watch.restart(step)
         return step
 
     def record(self, record: dict) -> None:
+        """Append a line to metrics.jsonl: a meta-step's, or a validation's (`val_acc`, for an earlier step)."""
+        if "val_acc" in record:
+            return self.write(append_jsonl, self.run / rundir.METRICS, record)
+        if record["step"] <= self.last_recorded:
+            # The server went back to a checkpoint without this loop seeing an error (Ray retried a call on the
+            # restarted server): the steps after it are being redone, so their old lines go, as in start_step.
+            self.write(keep_metrics_up_to, self.run / rundir.METRICS, record["step"] - 1)
+            self.watch.restart(record["step"] - 1)
         self.write(append_jsonl, self.run / rundir.METRICS, record)
+        self.last_recorded = record["step"]
 
     def write(self, fn, path: Path, *args) -> None:
         """A driver-side write, retried with backoff; past ray.write_retries it stops the run in one line."""
