@@ -113,16 +113,14 @@ class Run:
         return step
 
     def record(self, record: dict) -> None:
-        """Append a line to metrics.jsonl: a meta-step's, or a validation's (`val_acc`, for an earlier step)."""
-        if "val_acc" in record:
-            return self.write(append_jsonl, self.run / rundir.METRICS, record)
-        if record["step"] <= self.last_recorded:
+        if record["step"] <= self.last_recorded and "val_acc" not in record:
             # The server went back to a checkpoint without this loop seeing an error (Ray retried a call on the
             # restarted server): the steps after it are being redone, so their old lines go, as in start_step.
             self.write(keep_metrics_up_to, self.run / rundir.METRICS, record["step"] - 1)
             self.watch.restart(record["step"] - 1)
         self.write(append_jsonl, self.run / rundir.METRICS, record)
-        self.last_recorded = record["step"]
+        if "val_acc" not in record:
+            self.last_recorded = record["step"]
 
     def write(self, fn, path: Path, *args) -> None:
         """A driver-side write, retried with backoff; past ray.write_retries it stops the run in one line."""
