@@ -134,7 +134,3 @@ class RealImages:
             out[rows.to(self.device)] = self.chunks[c][local]
         return out
 
-
-def normalised(x: Tensor | RealImages) -> Tensor:
-    """A float32 tensor of normalised images, whether `x` is one already or a RealImages."""
-    return x.tensor() if isinstance(x, RealImages) else x

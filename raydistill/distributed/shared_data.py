@@ -106,6 +106,10 @@ def share(dataset: Dataset, cfg: DistillConfig, backend) -> SharedData:
     )
 
 
+def shared_normaliser(shared: SharedData, backend) -> Normaliser:
+    return Normaliser.from_arrays(backend.get(shared.normaliser))
+
+
 @dataclass
 class HeldData:
     """The training images one worker slot holds: normalised-on-read images, labels, and their rows in the split."""
@@ -121,7 +125,7 @@ class WorkerData:
 
     def __init__(self, shared: SharedData, backend, device: torch.device):
         self.shared, self.backend, self.device = shared, backend, device
-        self.normaliser = Normaliser.from_arrays(backend.get(shared.normaliser))
+        self.normaliser = shared_normaliser(shared, backend)
         self.key: tuple[int, ...] | None = None
         self.held: HeldData | None = None
 
@@ -145,7 +149,7 @@ class WorkerData:
 
 def validation_split(shared: SharedData, backend, device: torch.device) -> tuple[RealImages, torch.Tensor]:
     """The validation images (uint8, normalised on read) and labels, on `device`."""
-    normaliser = Normaliser.from_arrays(backend.get(shared.normaliser))
+    normaliser = shared_normaliser(shared, backend)
     val = backend.get(shared.val)
     return (RealImages(pixels_from_numpy(val["pixels"]), normaliser).to(device),
             torch.from_numpy(np.array(val["labels"])).to(device))
