@@ -9,6 +9,7 @@ from raydistill.config.errors import ConfigError
 
 WINDOW_MODES = ("random", "end", "fixed", "full", "random_length")
 INNER_OPTIMIZERS = ("adam", "sgd")
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclass
@@ -23,8 +24,18 @@ class RatBpttConfig:
     batch_per_class: int | None = None  # None: every synthetic image of a chosen class
     classes_per_step: int | None = None  # None: every class
     real_batch: int = 256
-    # Speed options (none changes the function differentiated; see benchmarks/README.md for what each one buys):
+    # Speed options (only precision changes the function differentiated; see benchmarks/README.md for what each
+    # one buys):
     channels_last: bool = False  # ConvNormReLU convolutions in NHWC, norms in NCHW (slower on the 2-core CPU)
+    # >1: keep only the inner state at k segment starts and recompute each segment's graph during the backward pass
+    # (window memory ~W/k + k states instead of W; about one more forward of the window in time). Validated <= window;
+    # a run-time window shorter than k (only possible unvalidated) uses one step per segment.
+    window_segments: int = 1
+    # float32 | bf16: the window's and the meta-loss's forward passes under torch.autocast(bfloat16) on the images'
+    # device type (the prefix stays float32); changes the numerics: cosine to the float32 gradient > 0.99 in
+    # tests/test_window_options.py (0.96-0.97 for an Adam window from step 0). For GPUs: 4-5x slower on a CPU
+    # without bf16 instructions
+    precision: str = "float32"
 
 
 def validate_section(r: RatBpttConfig) -> None:
@@ -52,6 +63,17 @@ def validate_section(r: RatBpttConfig) -> None:
     if r.classes_per_step is not None:
         positive(r.classes_per_step, "ratbptt.classes_per_step")
     positive(r.real_batch, "ratbptt.real_batch")
+    if isinstance(r.window_segments, bool) or not isinstance(r.window_segments, int) or r.window_segments < 1:
+        raise ConfigError(
+            f"ratbptt.window_segments: must be an integer >= 1, got {r.window_segments!r}; "
+            "use 1 for no checkpointing, k > 1 to recompute the window in k segments"
+        )
+    if r.window_segments > r.window:
+        raise ConfigError(
+            f"ratbptt.window_segments: {r.window_segments} segments > window {r.window}; "
+            f"set window_segments <= {r.window} (each segment holds at least one inner step)"
+        )
+    choice(r.precision, PRECISIONS, "ratbptt.precision")
 
 
 def validate_against_data(r: RatBpttConfig, ipc: int, num_train: int, num_classes: int) -> None:

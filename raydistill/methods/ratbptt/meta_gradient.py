@@ -5,6 +5,11 @@ synthetic set with no graph (the prefix); `window` differentiable inner steps; t
 network on an augmented real batch (the meta-loss); its gradient with respect to the synthetic images (and the
 learned labels). Every random choice comes from one generator seeded by the caller, so the same seed gives the same
 sample: a retried task recomputes the same gradient.
+
+Two options change how the window is differentiated: `window_segments` > 1 recomputes the window's graph segment by
+segment during the backward pass (checkpointed.py: the same gradient in less memory), and `precision: bf16` runs
+the window's and the meta-loss's forward passes under bfloat16 autocast (different numerics; float32 losses,
+gradients in the images' dtype).
 """
 
 from __future__ import annotations
@@ -14,17 +19,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import functional_call
 
 from raydistill.data.augment import augment
 from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
-from raydistill.methods.ratbptt.inner_opt import make_inner_optimizer
+from raydistill.methods.ratbptt.checkpointed import checkpointed_window_gradient
+from raydistill.methods.ratbptt.inner_opt import InnerState, make_inner_optimizer
 from raydistill.models.layers import set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
-
 
 
 @dataclass
@@ -80,6 +85,71 @@ def sample_synthetic_batch(
     return torch.cat(picks)
 
 
+class Unroll:
+    """One sample's network, inner optimizer and random stream, shared by the plain and the checkpointed path so
+    both run the same steps with the same random draws in the same order: the window's minibatches and
+    augmentations, then the real batch and its augmentation."""
+
+    def __init__(self, images: Tensor, hard_labels: Tensor, soft_labels: Tensor | None, model_factory: ModelFactory,
+                 cfg: RatBpttConfig, aug: AugmentConfig, seed: int):
+        self.cfg, self.aug, self.dtype = cfg, aug, images.dtype
+        self.rng = torch.Generator().manual_seed(seed)
+        self.start, self.window = plan_window(cfg, self.rng)
+        num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
+        self.by_class = class_indices(hard_labels, num_classes)
+        self.model: nn.Module = seeded_network(model_factory, self.rng, images)
+        set_conv_channels_last(self.model, cfg.channels_last)
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)
+        self.bf16 = cfg.precision == "bf16"
+        self.device_type = images.device.type
+
+    def logits(self, params: list[Tensor], x: Tensor, low_precision: bool) -> Tensor:
+        """The network's output at `params`. With bf16 and `low_precision` (the window and the meta-loss), the
+        forward runs under autocast and the logits return to float32, so the losses (and everything the backward
+        accumulates from them) stay in float32."""
+        bf16 = self.bf16 and low_precision
+        with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=bf16):
+            out = functional_call(self.model, dict(zip(self.names, params)), (x,))
+        return out.float() if bf16 else out
+
+    def inner_loss(self, params: list[Tensor], x: Tensor, targets: Tensor, low_precision: bool) -> Tensor:
+        idx = sample_synthetic_batch(self.by_class, self.cfg, self.rng)
+        if idx is not None:
+            idx = idx.to(x.device)
+            x, targets = x[idx], targets[idx]
+        return soft_cross_entropy(self.logits(params, augment(x, self.rng, self.aug), low_precision), targets)
+
+    def step(self, params: list[Tensor], state: InnerState, x: Tensor, targets: Tensor, create_graph: bool,
+             window: bool = True) -> tuple[list[Tensor], InnerState]:
+        """One inner step: differentiable with create_graph (the window), otherwise graph-free (the prefix and the
+        checkpointed forward), so a long prefix costs no memory. Only window steps run in bf16 when it is on: a bf16
+        prefix moves the network away from the float32 one (the cosine test in tests/test_window_options.py)."""
+        if create_graph:
+            grads = torch.autograd.grad(self.inner_loss(params, x, targets, window), params, create_graph=True)
+            return self.opt.step(params, list(grads), state)
+        params = [p.detach().requires_grad_(True) for p in params]
+        grads = torch.autograd.grad(self.inner_loss(params, x, targets, window), params)
+        with torch.no_grad():
+            return self.opt.step(params, list(grads), state)
+
+    def prefix(self, x: Tensor, targets: Tensor) -> tuple[list[Tensor], InnerState]:
+        """The first `start` steps from the fresh init: ordinary training, so no gradient ever reaches the synthetic
+        set through them. Returns the window start, detached: the optimizer moments carry over as constants."""
+        params = [p.detach() for _, p in self.model.named_parameters()]
+        state = self.opt.init(params)
+        x, targets = x.detach(), targets.detach()
+        for _ in range(self.start):
+            params, state = self.step(params, state, x, targets, create_graph=False, window=False)
+        return [p.detach() for p in params], state.detached()
+
+    def meta_loss(self, params: list[Tensor], real_x: Tensor, real_y: Tensor) -> Tensor:
+        """Cross-entropy of the network at `params` on an augmented real batch (the last draws of a sample)."""
+        pick = torch.randperm(real_x.shape[0], generator=self.rng)[: self.cfg.real_batch].to(real_x.device)
+        x_real = augment(real_x[pick], self.rng, self.aug)
+        return F.cross_entropy(self.logits(params, x_real.to(self.dtype), True), real_y[pick])
+
+
 def unrolled_meta_loss(
     images: Tensor,
     hard_labels: Tensor,
@@ -99,47 +169,45 @@ def unrolled_meta_loss(
     `soft_labels` when the prefix inputs are held fixed, which is what the finite-difference tests check.
     Returns (meta_loss, start, window).
     """
-    rng = torch.Generator().manual_seed(seed)
-    start, window = plan_window(cfg, rng)
-    num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
-    by_class = class_indices(hard_labels, num_classes)
-    model = seeded_network(model_factory, rng, images)
-    set_conv_channels_last(model, cfg.channels_last)
-    names = [n for n, _ in model.named_parameters()]
-    params = [p.detach() for _, p in model.named_parameters()]
-    opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)
-    state = opt.init(params)
-
-    def inner_loss(params: list[Tensor], x: Tensor, targets: Tensor) -> Tensor:
-        idx = sample_synthetic_batch(by_class, cfg, rng)
-        if idx is not None:
-            idx = idx.to(x.device)
-            x, targets = x[idx], targets[idx]
-        x = augment(x, rng, aug)
-        return soft_cross_entropy(functional_call(model, dict(zip(names, params)), (x,)), targets)
-
-    # Prefix: ordinary training steps. Gradients go to the network only, never into the synthetic set.
-    x_prefix = (images if prefix_images is None else prefix_images).detach()
+    unroll = Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, seed)
+    x_prefix = images if prefix_images is None else prefix_images
     soft_prefix = soft_labels if prefix_soft_labels is None else prefix_soft_labels
-    t_prefix = hard_labels if soft_prefix is None else soft_prefix.detach()
-    for _ in range(start):
-        params = [p.requires_grad_(True) for p in params]
-        grads = torch.autograd.grad(inner_loss(params, x_prefix, t_prefix), params)
-        with torch.no_grad():
-            params, state = opt.step(params, list(grads), state)
+    params, state = unroll.prefix(x_prefix, hard_labels if soft_prefix is None else soft_prefix)
 
-    # Window: differentiable steps; the optimizer moments carry over from the prefix as constants.
-    params = [p.detach().requires_grad_(True) for p in params]
-    state = state.detached()
+    # Window: differentiable steps from the (constant) window start.
+    params = [p.requires_grad_(True) for p in params]
     targets = hard_labels if soft_labels is None else soft_labels
-    for _ in range(window):
-        grads = torch.autograd.grad(inner_loss(params, images, targets), params, create_graph=True)
-        params, state = opt.step(params, list(grads), state)
+    for _ in range(unroll.window):
+        params, state = unroll.step(params, state, images, targets, create_graph=True)
+    return unroll.meta_loss(params, real_x, real_y), unroll.start, unroll.window
 
-    pick = torch.randperm(real_x.shape[0], generator=rng)[: cfg.real_batch].to(real_x.device)
-    x_real = augment(real_x[pick], rng, aug)
-    logits = functional_call(model, dict(zip(names, params)), (x_real.to(images.dtype),))
-    return F.cross_entropy(logits, real_y[pick]), start, window
+
+def checkpointed_meta_loss_and_gradient(
+    images: Tensor,
+    hard_labels: Tensor,
+    soft_labels: Tensor | None,
+    real_x: Tensor,
+    real_y: Tensor,
+    model_factory: ModelFactory,
+    cfg: RatBpttConfig,
+    aug: AugmentConfig,
+    seed: int,
+) -> tuple[Tensor, list[Tensor], int, int]:
+    """(meta-loss, gradient w.r.t. images [and soft labels], start, window) with the window recomputed in
+    `cfg.window_segments` segments (clamped to the window length) during the backward pass."""
+    unroll = Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, seed)
+    targets = hard_labels if soft_labels is None else soft_labels
+    params, state = unroll.prefix(images, targets)
+    leaves = [images] if soft_labels is None else [images, soft_labels]
+
+    def step(params: list[Tensor], state: InnerState, create_graph: bool) -> tuple[list[Tensor], InnerState]:
+        return unroll.step(params, state, images, targets, create_graph)
+
+    loss, grads = checkpointed_window_gradient(
+        step, lambda p: unroll.meta_loss(p, real_x, real_y), params, state, unroll.window, cfg.window_segments,
+        leaves, unroll.rng,
+    )
+    return loss, grads, unroll.start, unroll.window
 
 
 def meta_gradient(
@@ -160,10 +228,12 @@ def meta_gradient(
     if soft_labels is not None:
         soft_labels = soft_labels.detach().requires_grad_(True)
         leaves.append(soft_labels)
-    loss, start, window = unrolled_meta_loss(
-        images, hard_labels, soft_labels, real_x, real_y, model_factory, cfg, aug, seed
-    )
-    grads = torch.autograd.grad(loss, leaves)
+    args = (images, hard_labels, soft_labels, real_x, real_y, model_factory, cfg, aug, seed)
+    if cfg.window_segments > 1:
+        loss, grads, start, window = checkpointed_meta_loss_and_gradient(*args)
+    else:
+        loss, start, window = unrolled_meta_loss(*args)
+        grads = torch.autograd.grad(loss, leaves)
     return MetaGradient(
         images=grads[0],
         labels=grads[1] if soft_labels is not None else None,
