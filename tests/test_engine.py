@@ -19,6 +19,7 @@ from raydistill.config.loading import load_config
 from raydistill.distributed.driver import distill
 from raydistill.distributed.server import ParameterServer
 from raydistill.distributed.worker import GradientWorker
+from raydistill.runtime import MALLOC_TUNABLES
 
 pytestmark = needs_fashion
 
@@ -67,6 +68,12 @@ def test_sync_run_applies_every_step_exactly_once(reference_k2):
     assert metric_steps(out) == list(range(1, STEPS + 1))
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert len(record["stats"]) == 2 and record["used"] == 2  # two independent windows averaged per step
+
+
+def test_workers_run_in_processes_that_keep_freed_memory(reference_k2):
+    """ray.reuse_memory (on by default) reaches the gradient workers' processes (tests/test_runtime.py: its effect)."""
+    _, summary = reference_k2
+    assert [p["glibc_tunables"] for p in summary["status"]["placement"]] == [MALLOC_TUNABLES] * 2
 
 
 class DiesOnce(GradientWorker):

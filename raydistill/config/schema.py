@@ -100,6 +100,7 @@ class RayConfig:
     gpus_per_worker: float = 1.0  # used when the cluster has GPUs; fractions share a GPU
     cpus_per_worker: float = 1.0  # used when it has none
     worker_threads: int = 1  # torch threads in each worker
+    reuse_memory: bool = True  # workers, validator, evaluation tasks keep freed memory (raydistill.runtime)
     placement_timeout_s: float = 120.0  # give up (with a clear error) if workers cannot be placed by then
     max_consecutive_failures: int = 50  # failed meta-steps in a row before the run stops (Tune then retries it)
     write_retries: int = 5  # failed checkpoint / metrics writes in a row (with backoff) before the run stops

@@ -39,7 +39,7 @@ from raydistill.distributed.server import ParameterServer
 from raydistill.distributed.shared_data import share
 from raydistill.distributed.validator import VALIDATOR_GPU_SHARE, Validator, validator_options
 from raydistill.distributed.watch import RunWatch
-from raydistill.distributed.worker import GradientWorker
+from raydistill.distributed.worker import GradientWorker, worker_options
 from raydistill.io import run_dir as rundir
 from raydistill.io.atomic import append_jsonl, atomic_write_text
 from raydistill.io.checkpoint import CheckpointWarning
@@ -85,14 +85,14 @@ class Run:
             None if syn.lr_scale is None else syn.lr_scale.numpy(), backend)
         self.shared = share(dataset, cfg, self.backend)  # the real data: one uint8 copy per node, read in place
         self.workers = [
-            self.backend.actor(worker_cls, dict(max_restarts=-1, max_task_retries=-1, **placement.options(i))
-                               if on_ray else {}, self.cfg_dict, backend, self.shared)
+            self.backend.actor(worker_cls, worker_options(cfg, placement.options(i)) if on_ray else {},
+                               self.cfg_dict, backend, self.shared)
             for i in range(cfg.ray.workers)
         ]
         self.validator = None
         if cfg.eval.every:
-            options = validator_options(spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE) if on_ray else {}
-            self.validator = self.backend.actor(Validator, options, self.cfg_dict, backend, self.shared)
+            options = validator_options(spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE, cfg.ray.reuse_memory)
+            self.validator = self.backend.actor(Validator, options if on_ray else {}, self.cfg_dict, backend, self.shared)
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()

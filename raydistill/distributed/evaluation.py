@@ -22,7 +22,7 @@ from raydistill.data.registry import Dataset
 from raydistill.distributed.worker import as_tensor, worker_device
 from raydistill.eval.report import Network, assemble, plan_networks, training_sets
 from raydistill.eval.train import Progress, network_accuracy, split_of
-from raydistill.runtime import set_threads
+from raydistill.runtime import compute_options, set_threads
 
 
 def split_payload(x: RealImages | torch.Tensor, y: torch.Tensor) -> dict:
@@ -38,6 +38,13 @@ def split_from_payload(payload: dict, device: torch.device) -> tuple[RealImages 
         images = RealImages(pixels_from_numpy(payload["pixels"]), Normaliser.from_arrays(payload["normaliser"]))
         return images.to(device), as_tensor(payload["labels"], device)
     return as_tensor(payload["images"], device), as_tensor(payload["labels"], device)
+
+
+def task_options(cfg: DistillConfig, options: dict | None = None) -> dict:
+    """Ray options of the evaluation tasks: `options` (default: `cfg.ray.worker_threads` CPUs, at least 1, and 3
+    retries) in a process whose allocator keeps freed memory (raydistill.runtime.compute_options)."""
+    options = options or {"num_cpus": max(1, cfg.ray.worker_threads), "max_retries": 3}
+    return {**compute_options(cfg.ray.reuse_memory), **options}
 
 
 def train_one(train: tuple[np.ndarray, np.ndarray], evaluation: dict, net: Network, cfg: DistillConfig,
@@ -76,7 +83,7 @@ def evaluation_report_on_ray(
     sets = training_sets(plan, x, targets, ipc, dataset, cfg, device)
     evaluation = ray.put(split_payload(*split_of(dataset, split)))
     set_refs = {key: ray.put((a.cpu().numpy(), b.cpu().numpy())) for key, (a, b) in sets.items()}
-    task = ray.remote(train_one).options(**(options or {"num_cpus": max(1, cfg.ray.worker_threads), "max_retries": 3}))
+    task = ray.remote(train_one).options(**task_options(cfg, options))
     refs = [task.remote(set_refs[net.data], evaluation, net, cfg, dataset.num_classes) for net in plan]
     pending = list(refs)
     while pending:

@@ -18,21 +18,21 @@ from raydistill.distributed.backend import BACKENDS
 from raydistill.distributed.shared_data import SharedData, validation_split
 from raydistill.distributed.worker import as_tensor, worker_device
 from raydistill.eval.validation import validation_accuracy
-from raydistill.runtime import resolve_device, set_threads
+from raydistill.runtime import compute_options, resolve_device, set_threads
 
 VALIDATOR_GPU_SHARE = 0.25  # a validation trains cfg.eval.val_models small networks: a quarter GPU keeps up
 
 
-def validator_options(has_gpus: bool, gpu_share: float = VALIDATOR_GPU_SHARE) -> dict:
+def validator_options(has_gpus: bool, reuse_memory: bool = True, gpu_share: float = VALIDATOR_GPU_SHARE) -> dict:
     """Ray actor options for a `Validator`.
 
     It never reserves a CPU (num_cpus=0, like today's validation tasks), so it cannot keep a meta-gradient worker
     from being placed; with GPUs it asks for `gpu_share` of one. That share must be left free by the workers
     (e.g. ray.gpus_per_worker <= 1 - gpu_share on one GPU, or a spare GPU), otherwise the actor waits unplaced:
     pass has_gpus=False then, and it validates on the CPU. Validation is pure, so a restarted actor (it restarts
-    without limit) may retry a call.
+    without limit) may retry a call. `reuse_memory`: see raydistill.runtime.compute_options.
     """
-    options: dict = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 3}
+    options: dict = {"num_cpus": 0, "max_restarts": -1, "max_task_retries": 3, **compute_options(reuse_memory)}
     if has_gpus:
         options["num_gpus"] = gpu_share
     return options

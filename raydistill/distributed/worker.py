@@ -11,6 +11,7 @@ Tensors cross process boundaries as float32 numpy arrays, never as CUDA tensors.
 from __future__ import annotations
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from raydistill.distributed.backend import BACKENDS
 from raydistill.distributed.shared_data import HeldData, SharedData, WorkerData
 from raydistill.eval.train import build_network
 from raydistill.methods.registry import get_method
-from raydistill.runtime import resolve_device, set_threads
+from raydistill.runtime import compute_options, resolve_device, set_threads
 
 
 def worker_device() -> torch.device:
@@ -58,6 +59,12 @@ def method_resources(cfg: DistillConfig, dataset: Dataset, needs: tuple[str, ...
     """The same for a whole loaded data set (one process: tests, benchmarks)."""
     held = HeldData(dataset.train_x.to(device), dataset.train_y.to(device), torch.arange(dataset.num_train))
     return held_resources(cfg, held, (dataset.num_classes, dataset.image_shape), needs, device)
+
+
+def worker_options(cfg: DistillConfig, placement: dict) -> dict:
+    """Ray actor options of a gradient worker: restarted without limit, placed by `placement`, in a process whose
+    allocator keeps freed memory (raydistill.runtime.compute_options)."""
+    return dict(max_restarts=-1, max_task_retries=-1, **placement, **compute_options(cfg.ray.reuse_memory))
 
 
 class GradientWorker:
@@ -107,4 +114,4 @@ class GradientWorker:
         if not ray.is_initialized():
             return {"node_id": "local", "device": str(self.device), "gpu_ids": []}
         return {"node_id": ray.get_runtime_context().get_node_id(), "device": str(self.device),
-                "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+                "gpu_ids": [str(g) for g in ray.get_gpu_ids()], "glibc_tunables": os.environ.get("GLIBC_TUNABLES")}
