@@ -11,26 +11,41 @@ It needs `higher` (pip install -e '.[bench]'). With --strict the exit status is 
 not 1.5x faster than the reference on some config, or a prefix-memory ratio above 1.15); without it the targets are
 only reported (`make bench` runs the other benchmarks after this one).
 
-Variants, all computing the same meta-gradient of the same inputs (tests/test_reference_gradient.py checks it):
+Variants, all computing the same meta-gradient of the same inputs (tests/test_reference_gradient.py checks it),
+except bf16:
 - `reference`: benchmarks/reference_higher.py, the official algorithm (torch.optim.Adam prefix that back-propagates
-  into the synthetic images, higher.innerloop_ctx window), plain nn.GroupNorm, NCHW;
-- `before`: raydistill with every speed lever off (plain nn.GroupNorm, NCHW): the code this benchmark started from;
-- `channels_last`, `fused_norm`: `before` plus that one lever (`ratbptt.channels_last`: ConvNormReLU convolutions
-  in NHWC; `fused_norm`: raydistill's InstanceNorm with its analytic double backward), and both together;
-- `raydistill`: raydistill as configured by default (the levers that pay: the fused norm).
+  into the synthetic images, higher.innerloop_ctx window), plain nn.GroupNorm, NCHW, glibc's default allocator: the
+  official code as it runs;
+- `reference+reuse`: the same in a process with raydistill's allocator setting (raydistill.runtime.MALLOC_TUNABLES,
+  what `ray.reuse_memory` gives raydistill's workers): the reference with the process-level lever it could also use;
+- `before`: raydistill with every speed lever off (plain nn.GroupNorm and nn.AvgPool2d, NCHW, default allocator):
+  the code this benchmark started from;
+- `channels_last`, `fused_norm`, `fast_pool`: `before` plus that one lever (`ratbptt.channels_last`: ConvNormReLU
+  convolutions in NHWC; `fused_norm`: raydistill's InstanceNorm with its analytic double backward; `fast_pool`:
+  raydistill's AvgPool2x2), and channels_last with fused_norm together;
+- `reuse`: `before` in a process with the allocator setting;
+- `segments`: `fused_norm` with `ratbptt.window_segments` = round(sqrt(W)) (activation checkpointing of the window),
+  so that its time and peak memory compare with `fused_norm`'s;
+- `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99, tests/test_window_options.py);
+- `raydistill`: raydistill as its Ray workers run it by default: the fused norm and the fast pool, in a process with
+  the allocator setting.
 
 Configs (3x32x32 unless said, ConvNet-3 width 128, instance norm, inner Adam, real batch 256, the window at a fixed
 start): IPC 1 / T 40 / W 15 / start 25 and IPC 10 / T 30 / W 10 / start 20 on CIFAR-10 shapes; the quickstart
 (Fashion-MNIST 1x28x28, IPC 1, width 32, T 40 / W 15 / start 25, flip-rotate augmentation); CIFAR-100 shapes at IPC
 10 (1000 images, 100 classes, learned labels, one image per class per inner step as the cifar100-ipc10 preset,
-T 30 / W 10 / start 20). The others use no augmentation.
+T 30 / W 10 / start 20); `w60` and `w120`, CIFAR-10 shapes at IPC 1 with T = W + 10, for the window options
+(`--configs w60,w120 --variants fused_norm,segments`). The others use no augmentation.
 
-Timing: one warm-up step per variant, then --repeats rounds; each round runs every variant once, in turn, on the
+Timing: each variant gets a fresh process of its own with its allocator setting (GLIBC_TUNABLES are read at process
+start) and the same inputs; the parent sends them one meta-step at a time, so only one runs at once. One warm-up step per
+variant (its peak memory is recorded), then --repeats rounds; each round runs every variant once, in turn, on the
 same seed, so machine load affects them alike. Reported: the median seconds per meta-step, inner steps per second
 (T / median), the median over rounds of the per-round ratio reference / variant (and the ratio of the fastest
-rounds, the least disturbed by other work on the machine), and the peak extra memory of one
-more step (CPU: rise of the peak resident set above the resident size before the step, reset through
-/proc/self/clear_refs; CUDA: torch.cuda.max_memory_allocated above the allocation before the step).
+rounds, the least disturbed by other work on the machine), and the peak extra memory of the warm-up step (CPU: the
+rise of the peak resident set above the resident size before the step, reset through /proc/self/clear_refs; with
+the allocator setting the resident set never shrinks, so this is measured on a fresh process; CUDA:
+torch.cuda.max_memory_allocated above the allocation before the step).
 
 The real data are random tensors of the data set's shape and size: the cost of a step does not depend on pixel
 values, and the benchmark then runs anywhere without data files.
@@ -43,6 +58,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -58,8 +74,11 @@ from raydistill.config.loading import load_config  # noqa: E402
 from raydistill.eval.train import network_for  # noqa: E402
 from raydistill.methods.base import task_seed  # noqa: E402
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402
+from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
-VARIANTS = ("reference", "before", "channels_last", "fused_norm", "channels_last+fused_norm", "raydistill")
+VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
+            "fast_pool", "reuse", "bf16", "segments", "raydistill")
+REUSE = ("reference+reuse", "reuse", "bf16", "raydistill")  # run in a process with raydistill's allocator setting
 
 
 class Shape:
@@ -90,6 +109,9 @@ def configs() -> dict[str, tuple]:
                        55000),
         "cifar100": ("CIFAR-100 shapes, IPC 10, learned labels, T 30, W 10, start 20", c100, Shape(3, 32, 100),
                      45000),
+        # long windows, for ratbptt.window_segments (not in the default list)
+        "w60": ("CIFAR-10 shapes, IPC 1, T 70, W 60, start 10", cifar(1, 70, 60), Shape(3, 32, 10), 45000),
+        "w120": ("CIFAR-10 shapes, IPC 1, T 130, W 120, start 10", cifar(1, 130, 120), Shape(3, 32, 10), 45000),
     }
 
 
@@ -138,18 +160,26 @@ class Problem:
         self.real_y = torch.randint(0, shape.num_classes, (num_real,), generator=g).to(device)
         self.cfg, self.shape, self.device = cfg, shape, device
         self.factory = lambda: network_for(cfg.model.name, cfg, shape)
-        self.plain_factory = lambda: official_network(self.factory())  # nn.GroupNorm: the fused norm lever off
+        # raydistill's network with some of its layer levers swapped back to the plain torch layers
+        self.levers = {"none": lambda: official_network(self.factory()),
+                       "norm": lambda: official_network(self.factory(), norms=False),
+                       "pool": lambda: official_network(self.factory(), pools=False), "all": self.factory}
 
     def run(self, variant: str, seed: int) -> None:
         r, aug = self.cfg.method_config, self.cfg.augment
         args = (self.images, self.hard, self.soft, self.real_x, self.real_y)
-        if variant == "reference":
+        if variant.startswith("reference"):
             reference_meta_gradient(*args, self.factory, r, aug, seed)
             return
-        fused = variant in ("fused_norm", "channels_last+fused_norm", "raydistill")
-        channels_last = r.channels_last if variant == "raydistill" else variant.startswith("channels_last")
-        meta_gradient(*args, self.factory if fused else self.plain_factory, replace(r, channels_last=channels_last),
-                      aug, seed)
+        own = variant in ("bf16", "segments", "raydistill")  # raydistill's configured levers plus this one
+        layers = "all" if variant in ("bf16", "raydistill") else {
+            "fused_norm": "norm", "channels_last+fused_norm": "norm", "segments": "norm", "fast_pool": "pool"
+        }.get(variant, "none")
+        channels_last = r.channels_last if own else variant.startswith("channels_last")
+        precision = "bf16" if variant == "bf16" else r.precision
+        segments = round(r.window ** 0.5) if variant == "segments" else r.window_segments
+        meta_gradient(*args, self.levers[layers],
+                      replace(r, channels_last=channels_last, precision=precision, window_segments=segments), aug, seed)
 
     def timed(self, variant: str, seed: int) -> float:
         if self.device.type == "cuda":
@@ -161,31 +191,79 @@ class Problem:
         return time.perf_counter() - began
 
 
-def bench(key: str, name: str, cfg, shape: Shape, num_real: int, device: torch.device, variants: list[str],
-          repeats: int) -> dict:
+class Child:
+    """A process that holds one config's Problem and runs one variant's meta-steps on request (`--serve`)."""
+
+    def __init__(self, key: str, variant: str, device: torch.device, threads: int):
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if variant in REUSE:
+            env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        self.variant = variant
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve", key, "--device", str(device),
+                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, env=env)
+
+    def ask(self, what: str, seed: int) -> dict:
+        self.proc.stdin.write(f"{what} {self.variant} {seed}\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the {self.variant} process exited with {self.proc.wait()}")
+        return json.loads(line)
+
+    def close(self) -> dict:
+        """Ends the process; returns its peak resident size."""
+        reply = self.ask("maxrss", 0)
+        self.proc.stdin.close()
+        self.proc.wait()
+        return reply
+
+
+def serve(key: str, device: torch.device) -> None:
+    """The child's loop: one JSON line per request on the original stdout (everything else goes to stderr)."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    _, cfg, shape, num_real = configs()[key]
     problem = Problem(cfg, shape, num_real, device)
+    for line in sys.stdin:
+        what, variant, seed = line.split()
+        if what == "maxrss":
+            reply = {"max_rss_mib": round(_rss_kib("VmHWM") / 1024, 1) if device.type == "cpu" else None}
+        elif what == "memory":
+            with PeakMemory(device) as mem:
+                seconds = problem.timed(variant, int(seed))
+            reply = {"seconds": seconds, "peak_extra_mib": round(mem.peak / 2**20, 1)}
+        else:
+            reply = {"seconds": problem.timed(variant, int(seed))}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+def bench(key: str, name: str, cfg, shape: Shape, num_real: int, device: torch.device, variants: list[str],
+          repeats: int, threads: int) -> dict:
     r = cfg.method_config
-    for v in variants:
-        problem.run(v, task_seed(0, 1000, 0))  # warm-up: allocator, kernels, caches
-    seconds: dict[str, list[float]] = {v: [] for v in variants}
-    for i in range(repeats):
-        for v in variants:
-            seconds[v].append(problem.timed(v, task_seed(0, i, 0)))
-    memory = {}
-    for v in variants:
-        with PeakMemory(device) as mem:
-            problem.run(v, task_seed(0, 1001, 0))
-        memory[v] = round(mem.peak / 2**20, 1)
+    children = {v: Child(key, v, device, threads) for v in variants}
+    try:
+        memory = {v: children[v].ask("memory", task_seed(0, 1000, 0))["peak_extra_mib"] for v in variants}  # warm-up
+        seconds: dict[str, list[float]] = {v: [] for v in variants}
+        for i in range(repeats):
+            for v in variants:
+                seconds[v].append(children[v].ask("run", task_seed(0, i, 0))["seconds"])
+    finally:
+        max_rss = {v: child.close()["max_rss_mib"] for v, child in children.items()}
     rows = {}
     for v in variants:
         median = statistics.median(seconds[v])
         rows[v] = {"seconds_per_meta_step": round(median, 4), "seconds_min": round(min(seconds[v]), 4),
-                   "seconds_all": [round(s, 4) for s in seconds[v]],
-                   "inner_steps_per_second": round(r.unroll / median, 2), "peak_extra_mib": memory[v]}
-        if "reference" in seconds:
-            rows[v]["speedup_vs_reference"] = round(statistics.median(
-                [a / b for a, b in zip(seconds["reference"], seconds[v])]), 3)
-            rows[v]["speedup_of_min_times"] = round(min(seconds["reference"]) / min(seconds[v]), 3)
+                   "seconds_all": [round(x, 4) for x in seconds[v]],
+                   "inner_steps_per_second": round(r.unroll / median, 2), "peak_extra_mib": memory[v],
+                   "process_max_rss_mib": max_rss[v], "allocator": "reuse" if v in REUSE else "default"}
+        for base in ("reference", "reference+reuse"):
+            if base in seconds:
+                suffix = "" if base == "reference" else "_reuse"
+                rows[v][f"speedup_vs_reference{suffix}"] = round(statistics.median(
+                    [a / b for a, b in zip(seconds[base], seconds[v])]), 3)
+                rows[v][f"speedup_of_min_times{suffix}"] = round(min(seconds[base]) / min(seconds[v]), 3)
     result = {"key": key, "config": name, "image_shape": list(shape.image_shape), "classes": shape.num_classes, "ipc": cfg.ipc,
               "width": cfg.model.width, "unroll": r.unroll, "window": r.window, "start": r.fixed_start,
               "real_batch": r.real_batch, "learned_labels": cfg.labels.learn,
@@ -223,7 +301,7 @@ def cpu_model() -> str:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+    info = {"glibc": platform.libc_ver()[1], "load_average_at_end": os.getloadavg(), "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "device": str(device)}
     if device.type == "cuda":
@@ -240,11 +318,15 @@ def main() -> int:
     ap.add_argument("--configs", default="ipc1,ipc10,quickstart,cifar100", help="comma-separated config keys")
     ap.add_argument("--prefix-memory", action="store_true",
                     help="instead of timing: raydistill's peak memory at T = 2W and T = 6W (the prefix keeps no graph)")
+    ap.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)  # a child process (see Child)
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--out", default="benchmarks/results/step.json")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.serve:
+        serve(args.serve, torch.device(args.device))
+        return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
@@ -257,7 +339,7 @@ def main() -> int:
     if args.prefix_memory:
         rows = [prefix_memory(k, *table[k], device) for k in keys]
     else:
-        rows = [bench(k, *table[k], device, variants, args.repeats) for k in keys]
+        rows = [bench(k, *table[k], device, variants, args.repeats, args.threads) for k in keys]
     result = {"benchmark": "bench_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
               "date": time.strftime("%Y-%m-%d"), "machine": machine(device), "results": rows}
     out = Path(args.out)

@@ -60,16 +60,21 @@ class TorchAdam(higher.optim.DifferentiableOptimizer):
                 group["params"][p_idx] = p - (group["lr"] / (1 - beta1**step)) * m / denom
 
 
-def official_network(model: nn.Module) -> nn.Module:
+def official_network(model: nn.Module, norms: bool = True, pools: bool = True) -> nn.Module:
     """`model` with every GroupNorm (raydistill's InstanceNorm included) replaced by a plain `nn.GroupNorm` holding
-    the same parameters: the network the official code trains."""
+    the same parameters, and every average pool (raydistill's AvgPool2x2 included) by a plain `nn.AvgPool2d`: the
+    network the official code trains. `norms` / `pools` False leave that kind of layer as it is (bench_step.py's
+    one-lever variants)."""
     for name, child in model.named_children():
-        if isinstance(child, nn.GroupNorm) and type(child) is not nn.GroupNorm:
+        if norms and isinstance(child, nn.GroupNorm) and type(child) is not nn.GroupNorm:
             plain = nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
             plain.load_state_dict(child.state_dict())
             setattr(model, name, plain.to(child.weight.device, child.weight.dtype))
+        elif pools and isinstance(child, nn.AvgPool2d) and type(child) is not nn.AvgPool2d:
+            setattr(model, name, nn.AvgPool2d(child.kernel_size, child.stride, child.padding, child.ceil_mode,
+                                              child.count_include_pad, child.divisor_override))
         else:
-            official_network(child)
+            official_network(child, norms, pools)
     return model
 
 
