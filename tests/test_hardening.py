@@ -278,11 +278,15 @@ def test_ctrl_c_prints_the_resume_command(tmp_path):
                              "--out", str(run), "--set=steps=400", *(f"--set={s}" for s in TINY[1:])],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline:
+    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    started = (run / "metrics.jsonl").exists()
+    lines = len((run / "metrics.jsonl").read_text().splitlines()) if started else 0
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130
+    # Seen once in CI beside `make demo`: exit 0 instead of 130; these say which way it went if it recurs.
+    assert started, f"no metrics.jsonl within 120 s (exit {proc.returncode}): {err[-2000:]}"
+    assert proc.returncode == 130, f"exit {proc.returncode}, signalled at metrics line {lines}: {err[-2000:]}"
     assert err.strip().splitlines()[-1] == f"raydistill: run interrupted; continue it with: raydistill distill --resume {run}"
 
 
