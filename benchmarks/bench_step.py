@@ -28,7 +28,10 @@ except bf16:
   so that its time and peak memory compare with `fused_norm`'s;
 - `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99, tests/test_window_options.py);
 - `raydistill`: raydistill as its Ray workers run it by default: the fused norm and the fast pool, in a process with
-  the allocator setting.
+  the allocator setting;
+- `samples4`: raydistill with `ratbptt.samples_per_task: 4` (four samples batched through torch.func.vmap in one
+  task; their mean is the mean of four `raydistill` samples): its time per meta-step and peak memory are the task's
+  divided by 4 and the task's, so compare its seconds per sample with `raydistill`'s.
 
 Configs (3x32x32 unless said, ConvNet-3 width 128, instance norm, inner Adam, real batch 256, the window at a fixed
 start): IPC 1 / T 40 / W 15 / start 25 and IPC 10 / T 30 / W 10 / start 20 on CIFAR-10 shapes; the quickstart
@@ -73,12 +76,15 @@ from reference_higher import official_network, reference_meta_gradient  # noqa: 
 from raydistill.config.loading import load_config  # noqa: E402
 from raydistill.eval.train import network_for  # noqa: E402
 from raydistill.methods.base import task_seed  # noqa: E402
+from raydistill.methods.ratbptt.batched import batched_meta_gradient  # noqa: E402
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402
 from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
 VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
-            "fast_pool", "reuse", "bf16", "segments", "raydistill")
-REUSE = ("reference+reuse", "reuse", "bf16", "raydistill")  # run in a process with raydistill's allocator setting
+            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples4")
+# run in a process with raydistill's allocator setting
+REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples4")
+SAMPLES = {"samples4": 4}  # samples per task: the variant's time is reported per sample (the task's time / K)
 
 
 class Shape:
@@ -171,6 +177,9 @@ class Problem:
         if variant.startswith("reference"):
             reference_meta_gradient(*args, self.factory, r, aug, seed)
             return
+        if variant in SAMPLES:
+            batched_meta_gradient(*args, self.factory, replace(r, samples_per_task=SAMPLES[variant]), aug, seed)
+            return
         own = variant in ("bf16", "segments", "raydistill")  # raydistill's configured levers plus this one
         layers = "all" if variant in ("bf16", "raydistill") else {
             "fused_norm": "norm", "channels_last+fused_norm": "norm", "segments": "norm", "fast_pool": "pool"
@@ -188,7 +197,7 @@ class Problem:
         self.run(variant, seed)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - began
+        return (time.perf_counter() - began) / SAMPLES.get(variant, 1)
 
 
 class Child:
@@ -257,6 +266,7 @@ def bench(key: str, name: str, cfg, shape: Shape, num_real: int, device: torch.d
         rows[v] = {"seconds_per_meta_step": round(median, 4), "seconds_min": round(min(seconds[v]), 4),
                    "seconds_all": [round(x, 4) for x in seconds[v]],
                    "inner_steps_per_second": round(r.unroll / median, 2), "peak_extra_mib": memory[v],
+                   "samples_per_task": SAMPLES.get(v, 1),
                    "process_max_rss_mib": max_rss[v], "allocator": "reuse" if v in REUSE else "default"}
         for base in ("reference", "reference+reuse"):
             if base in seconds:

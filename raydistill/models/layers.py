@@ -12,6 +12,12 @@ from raydistill.models.registry import make_norm
 _aten = torch.ops.aten
 
 
+def under_func_transform() -> bool:
+    """True inside torch.func transforms (vmap, grad: several samples per task). The custom autograd Functions
+    below have no functorch rules, so the layers then run the native ops they replace (the same function)."""
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
 def _stats(t: Tensor) -> Tensor:
     """Sum over the spatial positions of each (sample, channel), kept as (N, C, 1, 1) for broadcasting."""
     return t.sum((2, 3), keepdim=True)
@@ -107,7 +113,7 @@ class InstanceNorm(nn.GroupNorm):
         super().__init__(channels, channels, eps=eps, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4:
+        if x.dim() != 4 or under_func_transform():
             return super().forward(x)
         if x.shape[0] * x.shape[2] * x.shape[3] == 1:  # F.group_norm's own check: one value per channel and group
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
@@ -169,7 +175,7 @@ class AvgPool2x2(nn.AvgPool2d):
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0:
+        if x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and not under_func_transform():
             return _AvgPool2x2.apply(x)
         return super().forward(x)
 

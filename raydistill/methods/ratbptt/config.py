@@ -36,6 +36,11 @@ class RatBpttConfig:
     # tests/test_window_options.py (0.96-0.97 for an Adam window from step 0). For GPUs: 4-5x slower on a CPU
     # without bf16 instructions
     precision: str = "float32"
+    # >1: each gradient task draws this many independent samples (own network, minibatches, augmentations and
+    # window start) and runs them as one batched computation (torch.func.vmap over stacked networks); the task
+    # returns their mean, so the parameter server still averages per sample. A GPU lever at small IPC; slower on CPU
+    # (benchmarks/README.md). Float32 windows of a fixed length only, without checkpointing or NHWC convolutions.
+    samples_per_task: int = 1
 
 
 def validate_section(r: RatBpttConfig) -> None:
@@ -74,6 +79,23 @@ def validate_section(r: RatBpttConfig) -> None:
             f"set window_segments <= {r.window} (each segment holds at least one inner step)"
         )
     choice(r.precision, PRECISIONS, "ratbptt.precision")
+    validate_samples(r)
+
+
+def validate_samples(r: RatBpttConfig, norm: str | None = None) -> None:
+    """`samples_per_task` and what it combines with (`norm`: the config's model.norm, when known)."""
+    k = r.samples_per_task
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"ratbptt.samples_per_task: must be an integer >= 1, got {k!r}; use 1 for one sample a task")
+    if k == 1:
+        return
+    clashes = [(r.window_mode == "random_length", "window_mode random_length (windows of different lengths)"),
+               (r.window_segments > 1, "window_segments > 1"), (r.precision != "float32", f"precision {r.precision}"),
+               (r.channels_last, "channels_last"), (norm == "batch", "model.norm batch (running statistics)")]
+    for clash, what in clashes:
+        if clash:
+            raise ConfigError(f"ratbptt.samples_per_task: {k} samples per task do not combine with {what}; "
+                              "set samples_per_task: 1 or change that option")
 
 
 def validate_against_data(r: RatBpttConfig, ipc: int, num_train: int, num_classes: int) -> None:

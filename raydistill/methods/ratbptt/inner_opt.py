@@ -30,10 +30,19 @@ def adam_update(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """One Adam step, written as torch.optim.Adam computes it (same operation order, same bias corrections)."""
     b1, b2 = betas
+    return adam_with_corrections(p, g, m, v, lr / (1 - b1**t), math.sqrt(1 - b2**t), betas, eps)
+
+
+def adam_with_corrections(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float | Tensor,
+                          bias_correction2_sqrt: float | Tensor, betas=(0.9, 0.999), eps: float = 1e-8
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Adam's update given its bias corrections (lr / (1 - b1^t) and sqrt(1 - b2^t)): scalars, or tensors that
+    broadcast against p when stacked networks are at different steps (several samples per task)."""
+    b1, b2 = betas
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
-    denom = safe_sqrt(v) / math.sqrt(1 - b2**t) + eps
-    return p - (lr / (1 - b1**t)) * m / denom, m, v
+    denom = safe_sqrt(v) / bias_correction2_sqrt + eps
+    return p - step_size * m / denom, m, v
 
 
 @dataclass

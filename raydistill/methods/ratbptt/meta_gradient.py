@@ -40,6 +40,7 @@ class MetaGradient:
     start: int  # window start s
     window: int  # window length W
     seconds: float
+    starts: list[int] | None = None  # each sample's window start, when a task runs several (batched.py)
 
 
 def plan_window(cfg: RatBpttConfig, rng: torch.Generator) -> tuple[int, int]:
@@ -113,12 +114,17 @@ class Unroll:
             out = functional_call(self.model, dict(zip(self.names, params)), (x,))
         return out.float() if bf16 else out
 
-    def inner_loss(self, params: list[Tensor], x: Tensor, targets: Tensor, low_precision: bool) -> Tensor:
+    def inner_batch(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """One inner step's (augmented inputs, targets): its minibatch of the synthetic set, then its augmentation."""
         idx = sample_synthetic_batch(self.by_class, self.cfg, self.rng)
         if idx is not None:
             idx = idx.to(x.device)
             x, targets = x[idx], targets[idx]
-        return soft_cross_entropy(self.logits(params, augment(x, self.rng, self.aug), low_precision), targets)
+        return augment(x, self.rng, self.aug), targets
+
+    def inner_loss(self, params: list[Tensor], x: Tensor, targets: Tensor, low_precision: bool) -> Tensor:
+        x, targets = self.inner_batch(x, targets)
+        return soft_cross_entropy(self.logits(params, x, low_precision), targets)
 
     def step(self, params: list[Tensor], state: InnerState, x: Tensor, targets: Tensor, create_graph: bool,
              window: bool = True) -> tuple[list[Tensor], InnerState]:
@@ -143,11 +149,15 @@ class Unroll:
             params, state = self.step(params, state, x, targets, create_graph=False, window=False)
         return [p.detach() for p in params], state.detached()
 
-    def meta_loss(self, params: list[Tensor], real_x: Tensor, real_y: Tensor) -> Tensor:
-        """Cross-entropy of the network at `params` on an augmented real batch (the last draws of a sample)."""
+    def real_batch(self, real_x: Tensor, real_y: Tensor) -> tuple[Tensor, Tensor]:
+        """The meta-loss's augmented real batch and its labels (the last draws of a sample)."""
         pick = torch.randperm(real_x.shape[0], generator=self.rng)[: self.cfg.real_batch].to(real_x.device)
-        x_real = augment(real_x[pick], self.rng, self.aug)
-        return F.cross_entropy(self.logits(params, x_real.to(self.dtype), True), real_y[pick])
+        return augment(real_x[pick], self.rng, self.aug).to(self.dtype), real_y[pick]
+
+    def meta_loss(self, params: list[Tensor], real_x: Tensor, real_y: Tensor) -> Tensor:
+        """Cross-entropy of the network at `params` on an augmented real batch."""
+        x_real, y_real = self.real_batch(real_x, real_y)
+        return F.cross_entropy(self.logits(params, x_real, True), y_real)
 
 
 def unrolled_meta_loss(

@@ -10,7 +10,8 @@ from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, task_seed
-from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
+from raydistill.methods.ratbptt.batched import batched_meta_gradient
+from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_samples, validate_section
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 
 
@@ -30,6 +31,7 @@ class RatBptt(Method):
 
     def validate(self, section: RatBpttConfig, cfg: DistillConfig) -> None:
         validate_section(section)
+        validate_samples(section, cfg.model.norm)
 
     def validate_against_data(self, section: RatBpttConfig, cfg: DistillConfig, num_train: int,
                               num_classes: int) -> None:
@@ -42,12 +44,16 @@ class RatBptt(Method):
                  slot: int, slot_state: dict[str, np.ndarray] | None) -> Gradient:
         cfg = context.cfg
         soft = learnables.get(SOFT_LABELS)
-        g = meta_gradient(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y,
+        sampler = batched_meta_gradient if cfg.method_config.samples_per_task > 1 else meta_gradient
+        g = sampler(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y,
                           context.model_factory, cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
         grads = {IMAGES: g.images}
         if soft is not None:
             grads[SOFT_LABELS] = g.labels
-        return Gradient(grads, g.meta_loss, {"start": g.start, "window": g.window})
+        stats = {"start": g.start, "window": g.window}
+        if g.starts is not None:
+            stats["starts"] = g.starts
+        return Gradient(grads, g.meta_loss, stats)
 
     def describe(self, r: RatBpttConfig) -> str:
         return f"ratbptt T={r.unroll} W={r.window} {r.window_mode}"
