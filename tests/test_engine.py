@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from conftest import needs_fashion
@@ -60,6 +61,22 @@ def test_one_worker_reproduces_the_single_machine_run_bit_for_bit(ray_session, t
     assert torch.equal(images_of(tmp_path / "local"), images_of(tmp_path / "ray"))
     local = read_distilled(tmp_path / "local" / "distilled.parquet").soft_labels
     assert torch.equal(local, read_distilled(tmp_path / "ray" / "distilled.parquet").soft_labels)
+
+
+def test_an_in_process_run_validates_and_batches_samples_without_ray(tmp_path, monkeypatch):
+    """--in-process never asks Ray anything, validation included (it once asked Ray for the spare GPU share: a
+    session's Ray hides that, hence the patch); with ratbptt.samples_per_task each step logs every sample's start."""
+    def no_ray(*args, **kwargs):
+        raise AssertionError("an in-process run called Ray")
+
+    monkeypatch.setattr(ray, "cluster_resources", no_ray)
+    monkeypatch.setattr(ray, "get", no_ray)
+    summary = distill(tiny("eval.every=3", "eval.val_models=1", "eval.val_steps=5", "ratbptt.samples_per_task=2"),
+                      tmp_path / "run", in_process=True, progress=False, evaluate=False)
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "val_acc" in r] == [3, 6]
+    assert all(len(r["stats"][0]["starts"]) == 2 for r in lines if "meta_loss" in r)
 
 
 def test_sync_run_applies_every_step_exactly_once(reference_k2):

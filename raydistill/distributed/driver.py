@@ -91,8 +91,9 @@ class Run:
         ]
         self.validator = None
         if cfg.eval.every:
-            options = validator_options(spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE, cfg.ray.reuse_memory)
-            self.validator = self.backend.actor(Validator, options if on_ray else {}, self.cfg_dict, backend, self.shared)
+            gpu = on_ray and spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE  # in process there is no Ray to ask
+            options = validator_options(gpu, cfg.ray.reuse_memory) if on_ray else {}
+            self.validator = self.backend.actor(Validator, options, self.cfg_dict, backend, self.shared)
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()
