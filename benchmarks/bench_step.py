@@ -29,29 +29,9 @@ except bf16:
 - `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99, tests/test_window_options.py);
 - `raydistill`: raydistill as its Ray workers run it by default: the fused norm and the fast pool, in a process with
   the allocator setting;
-- `samples4`: raydistill with `ratbptt.samples_per_task: 4` (four samples batched through torch.func.vmap in one
-  task; their mean is the mean of four `raydistill` samples): its time per meta-step and peak memory are the task's
-  divided by 4 and the task's, so compare its seconds per sample with `raydistill`'s.
-
-Configs (3x32x32 unless said, ConvNet-3 width 128, instance norm, inner Adam, real batch 256, the window at a fixed
-start): IPC 1 / T 40 / W 15 / start 25 and IPC 10 / T 30 / W 10 / start 20 on CIFAR-10 shapes; the quickstart
-(Fashion-MNIST 1x28x28, IPC 1, width 32, T 40 / W 15 / start 25, flip-rotate augmentation); CIFAR-100 shapes at IPC
-10 (1000 images, 100 classes, learned labels, one image per class per inner step as the cifar100-ipc10 preset,
-T 30 / W 10 / start 20); `w60` and `w120`, CIFAR-10 shapes at IPC 1 with T = W + 10, for the window options
-(`--configs w60,w120 --variants fused_norm,segments`). The others use no augmentation.
-
-Timing: each variant gets a fresh process of its own with its allocator setting (GLIBC_TUNABLES are read at process
-start) and the same inputs; the parent sends them one meta-step at a time, so only one runs at once. One warm-up step per
-variant (its peak memory is recorded), then --repeats rounds; each round runs every variant once, in turn, on the
-same seed, so machine load affects them alike. Reported: the median seconds per meta-step, inner steps per second
-(T / median), the median over rounds of the per-round ratio reference / variant (and the ratio of the fastest
-rounds, the least disturbed by other work on the machine), and the peak extra memory of the warm-up step (CPU: the
-rise of the peak resident set above the resident size before the step, reset through /proc/self/clear_refs; with
-the allocator setting the resident set never shrinks, so this is measured on a fresh process; CUDA:
-torch.cuda.max_memory_allocated above the allocation before the step).
-
-The real data are random tensors of the data set's shape and size: the cost of a step does not depend on pixel
-values, and the benchmark then runs anywhere without data files.
+- `samples2`, `samples4`: raydistill with `ratbptt.samples_per_task` 2 or 4 (that many samples batched through
+  torch.func.vmap in one task; their mean is the mean of as many `raydistill` samples): the seconds reported are the
+  task's divided by K (compare them with `raydistill`'s), the peak memory is the task's.
 """
 
 from __future__ import annotations
@@ -81,10 +61,10 @@ from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402
 from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
 VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
-            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples4")
+            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples2", "samples4")
 # run in a process with raydistill's allocator setting
-REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples4")
-SAMPLES = {"samples4": 4}  # samples per task: the variant's time is reported per sample (the task's time / K)
+REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples2", "samples4")
+SAMPLES = {"samples2": 2, "samples4": 4}  # samples per task: times are reported per sample (task / K)
 
 
 class Shape:
