@@ -133,3 +133,16 @@ def test_samples_per_task_rejects_batch_norm_when_the_config_loads():
         load_config("quickstart", ["ratbptt.samples_per_task=2", "model.norm=batch"], check_paths=False)
     cfg = load_config("quickstart", ["ratbptt.samples_per_task=2", "model.norm=none"], check_paths=False)
     validate_samples(cfg.method_config, cfg.model.norm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_batched_samples_are_the_mean_of_single_samples(problem):
+    images, hard, soft, real_x, real_y = (t.cuda() for t in problem)
+    cfg, factory, _ = CASES["adam, random window, minibatches, learned labels"]
+    cfg = replace(cfg, samples_per_task=K)
+    batched = batched_meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, 11)
+    singles = [meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, sample_seed(11, k))
+               for k in range(K)]
+    assert batched.images.device.type == "cuda"
+    assert relative_error(batched.images, sum(s.images for s in singles) / K) < 1e-8
+    assert relative_error(batched.labels, sum(s.labels for s in singles) / K) < 1e-8

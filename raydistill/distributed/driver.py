@@ -62,10 +62,10 @@ def snapshot_for_validation(current: dict) -> dict:
             "soft_labels": learnables.get("soft_labels"), "learnables": learnables}
 
 
-def spare_gpu_share(cfg: DistillConfig) -> float:
-    """GPU left over once the run's workers hold theirs: the validator takes a share only when one is free."""
+def validator_gets_gpu(cfg: DistillConfig) -> bool:
+    """Whether a validator's GPU share is left once the run's workers hold theirs (it takes one only then)."""
     gpus = ray.cluster_resources().get("GPU", 0)
-    return gpus - cfg.ray.workers * cfg.ray.gpus_per_worker if gpus > 0 else 0.0
+    return gpus > 0 and gpus - cfg.ray.workers * cfg.ray.gpus_per_worker >= VALIDATOR_GPU_SHARE
 
 
 class Run:
@@ -91,8 +91,7 @@ class Run:
         ]
         self.validator = None
         if cfg.eval.every:
-            gpu = on_ray and spare_gpu_share(cfg) >= VALIDATOR_GPU_SHARE  # in process there is no Ray to ask
-            options = validator_options(gpu, cfg.ray.reuse_memory) if on_ray else {}
+            options = validator_options(validator_gets_gpu(cfg), cfg.ray.reuse_memory) if on_ray else {}  # no Ray
             self.validator = self.backend.actor(Validator, options, self.cfg_dict, backend, self.shared)
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0

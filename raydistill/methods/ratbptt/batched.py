@@ -16,6 +16,7 @@ the mean of K separate `meta_gradient` calls in float64.
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -68,23 +69,19 @@ class Stack:
         if not isinstance(self.opt, InnerAdam):
             new, state = self.opt.step(params, grads, InnerState(0, buffers))
             return new, state.buffers
+        # Adam's bias corrections per network (its own step count), as adam_update computes them in float64
         b1, b2 = self.opt.betas
-        t = self.steps_of(members)
-        shape = (len(members),)
-        step_size = torch.tensor([self.opt.lr / (1 - b1**s) for s in t], dtype=params[0].dtype,
-                                 device=params[0].device).view(shape)
-        correction2 = torch.tensor([(1 - b2**s) ** 0.5 for s in t], dtype=params[0].dtype,
-                                   device=params[0].device).view(shape)
+        t = [self.steps[k] for k in members]
+        like = dict(dtype=params[0].dtype, device=params[0].device)
+        step_size = torch.tensor([self.opt.lr / (1 - b1**s) for s in t], **like)
+        correction2 = torch.tensor([math.sqrt(1 - b2**s) for s in t], **like)
         out, ms, vs = [], [], []
         for p, g, m, v in zip(params, grads, *buffers):
-            extra = (1,) * (p.dim() - 1)
-            p, m, v = adam_with_corrections(p, g, m, v, step_size.view(shape + extra),
-                                            correction2.view(shape + extra), self.opt.betas, self.opt.eps)
+            per_net = (len(members),) + (1,) * (p.dim() - 1)  # broadcasts over one network's parameter
+            p, m, v = adam_with_corrections(p, g, m, v, step_size.view(per_net), correction2.view(per_net),
+                                            self.opt.betas, self.opt.eps)
             out.append(p), ms.append(m), vs.append(v)
         return out, [ms, vs]
-
-    def steps_of(self, members: list[int]) -> list[int]:
-        return [self.steps[k] for k in members]
 
     def prefix(self, images: Tensor, targets: Tensor) -> None:
         """Every network's prefix, graph-free, in lockstep over the networks with prefix steps left."""
