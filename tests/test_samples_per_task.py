@@ -5,52 +5,23 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from raydistill.config import AugmentConfig, ConfigError
+from test_window_options import AUG, convnet, dead_param_net, make_problem, relative_error
+
+from raydistill.config import ConfigError
 from raydistill.config.loading import load_config
 from raydistill.methods.base import IMAGES, SOFT_LABELS, task_seed
 from raydistill.methods.ratbptt.batched import batched_meta_gradient, sample_seed
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_samples, validate_section
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 from raydistill.methods.ratbptt.method import RatBptt, RatBpttContext
-from raydistill.models.registry import create_model
 
-CLASSES, IPC, SIDE, K = 3, 2, 8, 3
-AUG = AugmentConfig(strategies=["flip", "rotate", "crop"])
-
-
-class DeadParamNet(nn.Module):
-    """A parameter whose inner gradient is exactly 0 keeps Adam's v == 0: safe_sqrt's case, inside vmap."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance")
-        self.dead = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        return self.net(x) + 0.0 * self.dead.sum()
-
-
-def convnet():
-    return create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
-
-
-def dead_param_net():
-    return DeadParamNet().double()
+K = 3  # samples per task
 
 
 @pytest.fixture
 def problem():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(CLASSES * IPC, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    hard = torch.arange(CLASSES).repeat_interleave(IPC)
-    soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1
-    real_x = torch.randn(40, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    real_y = torch.randint(0, CLASSES, (40,), generator=g)
-    return images, hard, soft, real_x, real_y
-
+    return make_problem()
 
 CASES = {  # name: (config, model factory, learned labels)
     "adam, random window, minibatches, learned labels": (
@@ -61,10 +32,6 @@ CASES = {  # name: (config, model factory, learned labels)
     "adam, window from step 0, a dead parameter": (
         RatBpttConfig(unroll=4, window=4, window_mode="full", inner_lr=0.01, real_batch=16), dead_param_net, True),
 }
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

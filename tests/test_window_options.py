@@ -40,8 +40,8 @@ def dead_param_net():
     return DeadParamNet().double()
 
 
-@pytest.fixture
-def problem():
+def make_problem():
+    """(images, hard labels, soft labels, real images, real labels) of a tiny float64 problem."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(CLASSES * IPC, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
     hard = torch.arange(CLASSES).repeat_interleave(IPC)
@@ -49,6 +49,11 @@ def problem():
     real_x = torch.randn(40, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
     real_y = torch.randint(0, CLASSES, (40,), generator=g)
     return images, hard, soft, real_x, real_y
+
+
+@pytest.fixture
+def problem():
+    return make_problem()
 
 
 def relative_error(a, b):

@@ -29,7 +29,7 @@ from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam, InnerState, adam_with_corrections
-from raydistill.methods.ratbptt.meta_gradient import MetaGradient, Unroll
+from raydistill.methods.ratbptt.meta_gradient import MetaGradient, Unroll, as_leaves
 from raydistill.models.losses import soft_cross_entropy
 
 
@@ -134,11 +134,7 @@ def batched_meta_gradient(
     """The mean of `cfg.samples_per_task` RaT-BPTT samples (seeds `sample_seed(seed, k)`); `start` is the samples'
     mean window start, and `starts` (in `MetaGradient.starts`) each one."""
     began = time.perf_counter()
-    images = images.detach().requires_grad_(True)
-    leaves = [images]
-    if soft_labels is not None:
-        soft_labels = soft_labels.detach().requires_grad_(True)
-        leaves.append(soft_labels)
+    images, soft_labels, leaves = as_leaves(images, soft_labels)
     unrolls = [Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, sample_seed(seed, k))
                for k in range(cfg.samples_per_task)]
     if len({u.window for u in unrolls}) != 1:

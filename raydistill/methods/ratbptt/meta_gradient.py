@@ -220,6 +220,16 @@ def checkpointed_meta_loss_and_gradient(
     return loss, grads, unroll.start, unroll.window
 
 
+def as_leaves(images: Tensor, soft_labels: Tensor | None) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+    """Detached copies of the synthetic set that require grad (the inputs stay untouched), and the list of them that
+    the meta-gradient is taken with respect to."""
+    images = images.detach().requires_grad_(True)
+    if soft_labels is None:
+        return images, None, [images]
+    soft_labels = soft_labels.detach().requires_grad_(True)
+    return images, soft_labels, [images, soft_labels]
+
+
 def meta_gradient(
     images: Tensor,
     hard_labels: Tensor,
@@ -233,11 +243,7 @@ def meta_gradient(
 ) -> MetaGradient:
     """One RaT-BPTT meta-gradient sample for the synthetic set (images, labels); inputs are not modified."""
     began = time.perf_counter()
-    images = images.detach().requires_grad_(True)
-    leaves = [images]
-    if soft_labels is not None:
-        soft_labels = soft_labels.detach().requires_grad_(True)
-        leaves.append(soft_labels)
+    images, soft_labels, leaves = as_leaves(images, soft_labels)
     args = (images, hard_labels, soft_labels, real_x, real_y, model_factory, cfg, aug, seed)
     if cfg.window_segments > 1:
         loss, grads, start, window = checkpointed_meta_loss_and_gradient(*args)
