@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from raydistill.config import ConfigError
 from raydistill.models.layers import AvgPool2x2, InstanceNorm, instance_norm, set_conv_channels_last
@@ -227,3 +227,32 @@ def test_fast_average_pool_is_avg_pool2d_with_every_derivative():
     assert torch.autograd.gradcheck(pool, (x,))
     assert torch.autograd.gradgradcheck(pool, (x,))
     assert torch.autograd.gradgradcheck(lambda a: pool(a) ** 2, (x,))  # a nonlinear use: the second order matters
+
+
+def test_the_fast_layers_run_inside_torch_func_transforms():
+    """Several samples per task run the layers under vmap(grad(.)) with autograd outside. Their custom Functions have
+    no functorch rules, so there the modules run the native ops: the same values and derivatives (first inside the
+    transforms, second outside) as nn.GroupNorm and nn.AvgPool2d, and no error."""
+    g = torch.Generator().manual_seed(0)
+    k, shape = 3, (2, 4, 6, 6)
+    x = torch.randn(k, *shape, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(k, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(k, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(k, 2, 4, 3, 3, generator=g, dtype=torch.float64)
+    ours = nn.Sequential(InstanceNorm(4), AvgPool2x2()).double()
+    native = nn.Sequential(nn.GroupNorm(4, 4), nn.AvgPool2d(2)).double()
+
+    def loss(net):
+        def f(ww, xx, bb, tt):
+            out = functional_call(net, {"0.weight": ww, "0.bias": bb}, (xx,))
+            return ((out.relu() * tt) ** 2).sum()
+        return f
+
+    inner = [vmap(grad(loss(net), argnums=(0, 1)))(w, x, b, t) for net in (ours, native)]
+    for a, c in zip(*inner):
+        assert a.abs().max() > 0 and torch.allclose(a, c, rtol=1e-10, atol=1e-12)
+    outer = [torch.autograd.grad(sum(d.pow(2).sum() for d in grads), (x, w)) for grads in inner]
+    for a, c in zip(*outer):
+        assert a.abs().max() > 0 and torch.allclose(a, c, rtol=1e-9, atol=1e-11)
+    with pytest.raises(RuntimeError, match="setup_context"):  # the control: the Function itself has no rule
+        vmap(instance_norm)(x, w, b)
