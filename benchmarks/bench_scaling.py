@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import ray
+import torch
 
 from raydistill.config.loading import config_to_dict, load_config
 from raydistill.distributed.driver import distill
@@ -129,7 +130,6 @@ def main() -> int:
             shared = gpu_share(args.steps, args.warmup, args.data_root)
         finally:
             ray.shutdown()
-        torch = __import__("torch")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         result = {"benchmark": "bench_scaling --gpu-share", "command": " ".join(["python", *sys.argv]),
                   "date": time.strftime("%Y-%m-%d"), "machine": machine(device), "ray_gpus": gpus,
@@ -158,7 +158,7 @@ def main() -> int:
     share = None if cifar_step is None else round(
         overhead["median_step_overhead_seconds"] / (cifar_step + overhead["median_step_overhead_seconds"]), 4)
     result = {"benchmark": "bench_scaling", "command": " ".join(["python", *sys.argv]), "date": time.strftime("%Y-%m-%d"),
-              "machine": {**machine(__import__("torch").device("cpu")), "torch_threads_per_worker": 1},
+              "machine": {**machine(torch.device("cpu")), "torch_threads_per_worker": 1},
               "throughput": runs, "efficiency_k2": efficiency, "efficiency_target": 0.85,
               "server_overhead": overhead, "reference_step_seconds": cifar_step,
               "overhead_share_of_reference_step": share, "overhead_share_target": 0.05}

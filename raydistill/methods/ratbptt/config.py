@@ -43,7 +43,8 @@ class RatBpttConfig:
     samples_per_task: int = 1
 
 
-def validate_section(r: RatBpttConfig) -> None:
+def validate_section(r: RatBpttConfig, norm: str | None = None) -> None:
+    """The section's own checks; `norm` (the config's model.norm, when known) for what samples_per_task excludes."""
     positive(r.unroll, "ratbptt.unroll")
     positive(r.window, "ratbptt.window")
     choice(r.window_mode, WINDOW_MODES, "ratbptt.window_mode")
@@ -79,7 +80,7 @@ def validate_section(r: RatBpttConfig) -> None:
             f"set window_segments <= {r.window} (each segment holds at least one inner step)"
         )
     choice(r.precision, PRECISIONS, "ratbptt.precision")
-    validate_samples(r)
+    validate_samples(r, norm)
 
 
 def validate_samples(r: RatBpttConfig, norm: str | None = None) -> None:

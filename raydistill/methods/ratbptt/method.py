@@ -11,7 +11,7 @@ from torch import Tensor
 from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, task_seed
 from raydistill.methods.ratbptt.batched import batched_meta_gradient
-from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_samples, validate_section
+from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 
 
@@ -30,8 +30,7 @@ class RatBptt(Method):
     config_cls = RatBpttConfig
 
     def validate(self, section: RatBpttConfig, cfg: DistillConfig) -> None:
-        validate_section(section)
-        validate_samples(section, cfg.model.norm)
+        validate_section(section, cfg.model.norm)
 
     def validate_against_data(self, section: RatBpttConfig, cfg: DistillConfig, num_train: int,
                               num_classes: int) -> None:
@@ -45,8 +44,8 @@ class RatBptt(Method):
         cfg = context.cfg
         soft = learnables.get(SOFT_LABELS)
         sampler = batched_meta_gradient if cfg.method_config.samples_per_task > 1 else meta_gradient
-        g = sampler(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y,
-                          context.model_factory, cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
+        g = sampler(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y, context.model_factory,
+                    cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
         grads = {IMAGES: g.images}
         if soft is not None:
             grads[SOFT_LABELS] = g.labels
