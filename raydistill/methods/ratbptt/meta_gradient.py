@@ -100,7 +100,10 @@ class Unroll:
         self.by_class = class_indices(hard_labels, num_classes)
         self.model: nn.Module = seeded_network(model_factory, self.rng, images)
         set_conv_channels_last(self.model, cfg.channels_last)
-        self.names = [n for n, _ in self.model.named_parameters()]
+        named = list(self.model.named_parameters())
+        self.names = [n for n, _ in named]
+        self.shapes = [p.shape for _, p in named]
+        self.sizes = [p.numel() for _, p in named]
         self.opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)
         self.bf16 = cfg.precision == "bf16"
         self.device_type = images.device.type
@@ -111,8 +114,18 @@ class Unroll:
         accumulates from them) stay in float32."""
         bf16 = self.bf16 and low_precision
         with torch.autocast(device_type=self.device_type, dtype=torch.bfloat16, enabled=bf16):
-            out = functional_call(self.model, dict(zip(self.names, params)), (x,))
+            out = functional_call(self.model, self.unflatten(params), (x,))
         return out.float() if bf16 else out
+
+    def flatten(self, params: list[Tensor]) -> list[Tensor]:
+        """The network's parameters as the one flat vector the inner optimizer updates: one elementwise op per
+        Adam term for the whole network instead of one per parameter tensor (the per-op overhead is most of a
+        small network's optimizer cost). The same values elementwise, so the same numbers."""
+        return [torch.cat([p.reshape(-1) for p in params])]
+
+    def unflatten(self, params: list[Tensor]) -> dict[str, Tensor]:
+        """name -> view of the flat vector, for functional_call."""
+        return {n: t.view(s) for n, t, s in zip(self.names, params[0].split(self.sizes), self.shapes)}
 
     def inner_batch(self, x: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         """One inner step's (augmented inputs, targets): its minibatch of the synthetic set, then its augmentation."""
@@ -142,7 +155,7 @@ class Unroll:
     def prefix(self, x: Tensor, targets: Tensor) -> tuple[list[Tensor], InnerState]:
         """The first `start` steps from the fresh init: ordinary training, so no gradient ever reaches the synthetic
         set through them. Returns the window start, detached: the optimizer moments carry over as constants."""
-        params = [p.detach() for _, p in self.model.named_parameters()]
+        params = self.flatten([p.detach() for p in self.model.parameters()])
         state = self.opt.init(params)
         x, targets = x.detach(), targets.detach()
         for _ in range(self.start):
