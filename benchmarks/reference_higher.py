@@ -62,12 +62,17 @@ class TorchAdam(higher.optim.DifferentiableOptimizer):
 
 def official_network(model: nn.Module, norms: bool = True, pools: bool = True) -> nn.Module:
     """`model` with every GroupNorm (raydistill's InstanceNorm included) replaced by a plain `nn.GroupNorm` holding
-    the same parameters, and every average pool (raydistill's AvgPool2x2 included) by a plain `nn.AvgPool2d`: the
-    network the official code trains. `norms` / `pools` False leave that kind of layer as it is (bench_step.py's
+    the same parameters, every average pool (raydistill's AvgPool2x2 included) by a plain `nn.AvgPool2d`, and
+    raydistill's Conv2d by a plain `nn.Conv2d` (always): the network the official code trains. `norms` / `pools` False leave that kind of layer as it is (bench_step.py's
     one-lever variants)."""
     for name, child in model.named_children():
         if norms and isinstance(child, nn.GroupNorm) and type(child) is not nn.GroupNorm:
             plain = nn.GroupNorm(child.num_groups, child.num_channels, child.eps, child.affine)
+            plain.load_state_dict(child.state_dict())
+            setattr(model, name, plain.to(child.weight.device, child.weight.dtype))
+        elif isinstance(child, nn.Conv2d) and type(child) is not nn.Conv2d:  # raydistill's Conv2d
+            plain = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, child.stride, child.padding,
+                              child.dilation, child.groups, child.bias is not None, child.padding_mode)
             plain.load_state_dict(child.state_dict())
             setattr(model, name, plain.to(child.weight.device, child.weight.dtype))
         elif pools and isinstance(child, nn.AvgPool2d) and type(child) is not nn.AvgPool2d:

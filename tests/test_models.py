@@ -6,7 +6,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from raydistill.config import ConfigError
-from raydistill.models.layers import AvgPool2x2, InstanceNorm, instance_norm, set_conv_channels_last
+from raydistill.models.layers import AvgPool2x2, Conv2d, InstanceNorm, instance_norm, set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
 from raydistill.models.registry import MODELS, create_model
 
@@ -227,6 +227,35 @@ def test_fast_average_pool_is_avg_pool2d_with_every_derivative():
     assert torch.autograd.gradcheck(pool, (x,))
     assert torch.autograd.gradgradcheck(pool, (x,))
     assert torch.autograd.gradgradcheck(lambda a: pool(a) ** 2, (x,))  # a nonlinear use: the second order matters
+
+
+def test_single_channel_convolution_is_conv2d_with_every_derivative():
+    """Conv2d: nn.Conv2d's parameters and value; one input channel on the CPU runs ATen's im2col kernel (its
+    backward node says so), first and second derivatives by gradcheck / gradgradcheck in float64, with respect to the
+    input and the parameters; more channels, and vmap, take the native path."""
+    g = torch.Generator().manual_seed(0)
+    for cin, kernel, stride, padding, path in [(1, 3, 1, 1, "SlowConv2DBackward0"), (1, 3, 2, 0, "SlowConv2DBackward0"),
+                                                (3, 3, 1, 1, "ConvolutionBackward0")]:
+        ours = Conv2d(cin, 4, kernel, stride=stride, padding=padding).double()
+        plain = nn.Conv2d(cin, 4, kernel, stride=stride, padding=padding).double()
+        plain.load_state_dict(ours.state_dict())
+        assert isinstance(ours, nn.Conv2d) and ours.state_dict().keys() == plain.state_dict().keys()
+        x = torch.randn(2, cin, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+        y = ours(x)
+        assert y.grad_fn.name() == path
+        torch.testing.assert_close(y, plain(x), rtol=1e-12, atol=1e-12)
+        w, b = (ours.weight.detach().clone().requires_grad_(True), ours.bias.detach().clone().requires_grad_(True))
+
+        def f(w, b, x):
+            return functional_call(ours, {"weight": w, "bias": b}, (x,)) ** 2
+
+        assert torch.autograd.gradcheck(f, (w, b, x))
+        assert torch.autograd.gradgradcheck(f, (w, b, x))
+    x32 = torch.randn(3, 1, 8, 8, generator=g)
+    conv = Conv2d(1, 5, 3, padding=1)
+    torch.testing.assert_close(conv(x32), nn.functional.conv2d(x32, conv.weight, conv.bias, padding=1))
+    batched = vmap(lambda a: conv(a))(x32.unsqueeze(1))  # native inside transforms: no batching rule needed
+    torch.testing.assert_close(batched.squeeze(1), conv(x32))
 
 
 def test_the_fast_layers_run_inside_torch_func_transforms():

@@ -6,39 +6,46 @@ differentiable Adam; raydistill runs a graph-free prefix, its own functional Ada
 backward and (optionally) the channels-last layout. Same seeds, float64: the gradients must agree to 1e-5 relative.
 """
 
+import copy
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from raydistill.config import AugmentConfig
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
-from raydistill.models.layers import InstanceNorm
+from raydistill.models.layers import Conv2d, InstanceNorm
 from raydistill.models.registry import create_model
 
 import higher  # noqa: E402,F401  (the test extra installs it; a missing reference must fail here, not skip)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_higher import reference_meta_gradient  # noqa: E402
+from reference_higher import official_network, reference_meta_gradient  # noqa: E402
 
 CLASSES, IPC, SIDE = 3, 2, 8
 
 
-def factory():
-    return create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
+def factory(channels: int = 3):
+    return create_model("convnet", channels, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
+
+
+def make_problem(channels: int):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(CLASSES * IPC, channels, SIDE, SIDE, generator=g, dtype=torch.float64)
+    hard = torch.arange(CLASSES).repeat_interleave(IPC)
+    real_x = torch.randn(40, channels, SIDE, SIDE, generator=g, dtype=torch.float64)
+    real_y = torch.randint(0, CLASSES, (40,), generator=g)
+    return images, hard, real_x, real_y
 
 
 @pytest.fixture
 def problem():
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(CLASSES * IPC, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    hard = torch.arange(CLASSES).repeat_interleave(IPC)
-    real_x = torch.randn(40, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    real_y = torch.randint(0, CLASSES, (40,), generator=g)
-    return images, hard, real_x, real_y
+    return make_problem(3)
 
 
 def relative_error(ours, ref):
@@ -58,15 +65,18 @@ CASES = {
 
 @pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_meta_gradient_equals_the_higher_reference(problem, case, channels_last):
-    images, hard, real_x, real_y = problem
+@pytest.mark.parametrize("channels", [3, 1])  # 1: raydistill's first convolution runs ATen's im2col kernel
+def test_meta_gradient_equals_the_higher_reference(case, channels_last, channels):
+    images, hard, real_x, real_y = make_problem(channels)
+    net = partial(factory, channels)
     cfg, aug, learn_labels = CASES[case]
     cfg = replace(cfg, channels_last=channels_last)
     soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1 if learn_labels else None
-    assert any(isinstance(m, InstanceNorm) for m in factory().modules())  # raydistill's side runs the fused norm
+    assert any(isinstance(m, InstanceNorm) for m in net().modules())  # raydistill's side runs the fused norm
+    assert type(net().body[0][0].conv) is Conv2d
     for seed in (3, 11):
-        ours = meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, aug, seed)
-        ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, factory,
+        ours = meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, seed)
+        ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, net,
                                                                    cfg, aug, seed)
         assert ours.meta_loss == pytest.approx(ref_loss, rel=1e-10)
         assert ref_images.abs().max() > 0
@@ -96,3 +106,15 @@ def test_reference_prefix_reaches_the_synthetic_set_and_is_discarded(problem):
     assert len(calls) == cfg.fixed_start + 1  # one backward per prefix step, and the meta-loss's
     ours = meta_gradient(images, hard, None, real_x, real_y, factory, cfg, AugmentConfig(strategies=[]), 5)
     assert relative_error(ours.images, ref) < 1e-5
+
+
+def test_the_reference_trains_the_plain_torch_layers():
+    """official_network swaps each of raydistill's layer subclasses back to the torch layer it replaces, with the
+    same parameters: the reference pays for what the official code runs."""
+    ours = factory(1)
+    net = official_network(copy.deepcopy(ours))
+    kinds = {type(m) for m in net.modules()}
+    assert {nn.Conv2d, nn.GroupNorm, nn.AvgPool2d} <= kinds
+    assert not [t for t in kinds if t not in (nn.Conv2d, nn.GroupNorm, nn.AvgPool2d)
+                and issubclass(t, (nn.Conv2d, nn.GroupNorm, nn.AvgPool2d))]
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), net.state_dict().values()))
