@@ -18,8 +18,9 @@ except bf16:
   official code as it runs;
 - `reference+reuse`: the same in a process with raydistill's allocator setting (raydistill.runtime.MALLOC_TUNABLES,
   what `ray.reuse_memory` gives raydistill's workers): the reference with the process-level lever it could also use;
-- `before`: raydistill with every speed lever off (plain nn.GroupNorm and nn.AvgPool2d, NCHW, default allocator):
-  the code this benchmark started from;
+- `before`: raydistill with every speed lever off (plain nn.GroupNorm, nn.AvgPool2d and nn.Conv2d, NCHW, default
+  allocator): the code this benchmark started from, except that every raydistill variant runs its inner optimizer
+  on one flat parameter vector (that lever has no switch; bench_ab.py measures it across commits);
 - `channels_last`, `fused_norm`, `fast_pool`: `before` plus that one lever (`ratbptt.channels_last`: ConvNormReLU
   convolutions in NHWC; `fused_norm`: raydistill's InstanceNorm with its analytic double backward; `fast_pool`:
   raydistill's AvgPool2x2), and channels_last with fused_norm together;
@@ -184,13 +185,18 @@ class Child:
     """A process that holds one config's Problem and runs one variant's meta-steps on request (`--serve`)."""
 
     def __init__(self, key: str, variant: str, device: torch.device, threads: int):
-        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-        if variant in REUSE:
-            env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
         self.variant = variant
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", key, "--device", str(device),
                                       "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env)
+                                     text=True, env=self.environment(variant))
+
+    @staticmethod
+    def environment(variant: str) -> dict:
+        """This process's environment with the variant's allocator setting (and no other GLIBC_TUNABLES)."""
+        env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+        if variant in REUSE:
+            env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+        return env
 
     def ask(self, what: str, seed: int) -> dict:
         self.proc.stdin.write(f"{what} {self.variant} {seed}\n")
