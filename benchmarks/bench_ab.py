@@ -15,18 +15,16 @@ the commits must have bench_step.py's `--serve` (2026-12-07 on).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import REUSE, Child, machine  # noqa: E402
+from bench_step import REUSE, Child, machine, write_result  # noqa: E402
 
 from raydistill.methods.base import task_seed  # noqa: E402
 
@@ -96,13 +94,8 @@ def main() -> int:
     for label, row in rows.items():
         print(f"{label:28s} {row['seconds_per_meta_step']:8.3f} s  vs {first}: {row['vs_first']:.3f}x  "
               f"{row['peak_extra_mib']} MiB")
-    result = {"benchmark": "bench_ab", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "date": time.strftime("%Y-%m-%d"), "machine": machine(torch.device("cpu")), "config": args.config,
-              "repeats": args.repeats, "rows": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result({"benchmark": "bench_ab", "machine": machine(torch.device("cpu")), "config": args.config,
+                  "repeats": args.repeats, "rows": rows}, args.out)
     return 0
 
 

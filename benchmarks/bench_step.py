@@ -305,6 +305,16 @@ def machine(device: torch.device) -> dict:
     return info
 
 
+def write_result(result: dict, path: str) -> None:
+    """`result` with the command line and the date, as JSON at `path`."""
+    result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
+              **result}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
@@ -336,12 +346,7 @@ def main() -> int:
         rows = [prefix_memory(k, *table[k], device) for k in keys]
     else:
         rows = [bench(k, *table[k], device, variants, args.repeats, args.threads) for k in keys]
-    result = {"benchmark": "bench_step", "command": " ".join([Path(sys.executable).name, *sys.argv]),
-              "date": time.strftime("%Y-%m-%d"), "machine": machine(device), "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result({"benchmark": "bench_step", "machine": machine(device), "results": rows}, args.out)
     met = all(r.get("target_1.5x_met", True) and r.get("memory_target_met", True) for r in rows)
     if not met:
         print("target missed: see target_1.5x_met / memory_target_met above")
