@@ -120,7 +120,8 @@ class Unroll:
     def flatten(self, params: list[Tensor]) -> list[Tensor]:
         """The network's parameters as the one flat vector the inner optimizer updates: one elementwise op per
         Adam term for the whole network instead of one per parameter tensor (the per-op overhead is most of a
-        small network's optimizer cost). The same values elementwise, so the same numbers."""
+        small network's optimizer cost). The same arithmetic elementwise; the meta-gradient moves by float32 rounding
+        only, since autograd accumulates some terms in another order."""
         return [torch.cat([p.reshape(-1) for p in params])]
 
     def unflatten(self, params: list[Tensor]) -> dict[str, Tensor]:
