@@ -259,6 +259,40 @@ class GoesBackSilently(ParameterServer):
         return super().snapshot()
 
 
+class DiesAfterItsCheckpoint(ParameterServer):
+    """Step 3 brings the run to step 4 and writes its checkpoint; then the server dies before its answer reaches the
+    driver, and Ray's retry of the call reaches the restarted server, which resumed from that very checkpoint and
+    turns the repeated step away. The driver never saw step 4's report."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.args, self.died = args, False
+
+    def apply_sync(self, step, *results):
+        report = super().apply_sync(step, *results)
+        if step == 3 and not self.died:
+            assert report["accepted"] and report["step"] == 4
+            args = self.args
+            ParameterServer.__init__(self, *args)  # the restarted server: it restores step 4
+            self.args, self.died = args, True
+            return super().apply_sync(step, *results)  # the retried call, turned away
+        return report
+
+
+@needs_fashion
+def test_a_step_checkpointed_before_its_report_was_lost_is_still_logged(tmp_path):
+    distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False,
+            server_cls=DiesAfterItsCheckpoint)
+    distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
+    assert metric_steps(tmp_path / "run") == list(range(1, STEPS + 1))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    straight = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines if line.get("recovered")] == [4]  # written from the checkpoint
+    for ours, theirs in zip(lines, straight):  # the recovered line says what the lost report said
+        assert ours["meta_loss"] == theirs["meta_loss"] and ours["grad_norm"] == theirs["grad_norm"]
+    assert torch.equal(images_of(tmp_path / "run"), images_of(tmp_path / "straight"))
+
+
 @needs_fashion
 def test_steps_redone_after_a_silent_server_restart_are_logged_once(tmp_path):
     distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False, server_cls=GoesBackSilently)

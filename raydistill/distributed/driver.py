@@ -16,14 +16,12 @@ next, so no step is lost or applied twice. A killed driver continues with `--res
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import ray
 from tqdm import tqdm
 
@@ -34,6 +32,7 @@ from raydistill.config.validate import load_checked
 from raydistill.data.registry import Dataset
 from raydistill.distributed.backend import BACKENDS
 from raydistill.distributed.cluster import WorkerPlacement, connect, driver_node_strategy, placement_state, worker_resources
+from raydistill.distributed.metrics_log import add_missing_step, keep_metrics_up_to, step_record
 from raydistill.distributed.results import finish
 from raydistill.distributed.server import ParameterServer
 from raydistill.distributed.shared_data import share
@@ -41,7 +40,7 @@ from raydistill.distributed.validator import VALIDATOR_GPU_SHARE, Validator, val
 from raydistill.distributed.watch import RunWatch
 from raydistill.distributed.worker import GradientWorker, worker_options
 from raydistill.io import run_dir as rundir
-from raydistill.io.atomic import append_jsonl, atomic_write_text
+from raydistill.io.atomic import append_jsonl
 from raydistill.io.checkpoint import CheckpointWarning
 from raydistill.io.progress import progress_bar
 from raydistill.io.store import check_shared, location, one_line, publish_local_dir
@@ -108,6 +107,8 @@ class Run:
                 warnings.warn(note, CheckpointWarning, stacklevel=2)
         step = status["step"]
         self.write(keep_metrics_up_to, self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
+        if status["last_report"] is not None and status["last_report"]["step"] == step:  # see metrics_log
+            self.write(add_missing_step, self.run / rundir.METRICS, step_record(status["last_report"], recovered=True))
         self.last_recorded = step
         self.watch.restart(step)
         return step
@@ -249,13 +250,7 @@ class Run:
                 step = self.start_step()
                 continue
             self.failures = 0
-            step, workers = report["step"], report["workers"]
-            record = {"step": step, "meta_loss": float(np.mean([w["loss"] for w in workers])),
-                      "stats": [w["stats"] for w in workers], "grad_norm": report["grad_norm"],
-                      "applied": report["applied"], "used": report["used"],
-                      "dropped_nonfinite": report["dropped"]["nonfinite"],
-                      "worker_seconds": [round(w["seconds"], 4) for w in workers],
-                      "seconds": round(time.perf_counter() - began, 4)}
+            step, record = report["step"], step_record(report, seconds=round(time.perf_counter() - began, 4))
             self.record(record)
             self.check_checkpoint(report)
             self.maybe_validate(step)
@@ -291,11 +286,7 @@ class Run:
             submit(slot)
             if not report["accepted"]:
                 continue
-            step, (worker,) = report["step"], report["workers"]
-            record = {"step": step, "meta_loss": worker["loss"], "stats": [worker["stats"]],
-                      "grad_norm": report["grad_norm"], "applied": report["applied"], "slot": slot,
-                      "staleness": report["staleness"], "dropped_stale": report["dropped"]["stale"],
-                      "dropped_nonfinite": report["dropped"]["nonfinite"]}
+            step, record = report["step"], step_record(report, slot=slot)
             self.record(record)
             self.check_checkpoint(report)
             self.maybe_validate(step)
@@ -325,20 +316,6 @@ def root_cause(exc: BaseException) -> str:
 def backoff(attempt: int) -> float:
     """Seconds to wait before write attempt `attempt + 1`: 0.5, 1, 2, 4, then 8 at most."""
     return min(0.5 * 2 ** (attempt - 1), 8.0)
-
-
-def keep_metrics_up_to(path: Path, step: int) -> None:
-    """Drop metric lines of steps after `step` (they are about to be redone after a restart)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line)
-        except (json.JSONDecodeError, KeyError, TypeError):
-            continue  # a line cut by a crash mid-write
-    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
 
 
 def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = False, resume: bool = False,

@@ -8,6 +8,7 @@ resumes from the newest good checkpoint. No maths here beyond averaging: the upd
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 
 from raydistill.config.loading import config_from_dict
 from raydistill.distributed.backend import BACKENDS
+from raydistill.io.atomic import json_default
 from raydistill.io.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
 from raydistill.io.run_dir import CHECKPOINTS
 from raydistill.io.store import location, one_line
@@ -29,6 +31,12 @@ def finite(result: dict) -> bool:
 def stats(result: dict) -> dict:
     """What the driver logs of a worker's result: the method's statistics as they are, plus the loss and time."""
     return {"loss": result["loss"], "stats": result["stats"], "seconds": result["seconds"], "slot": result["slot"]}
+
+
+def plain(report: dict) -> dict:
+    """`report` as JSON values, converted as metrics.jsonl converts them (numpy / torch values become numbers and
+    lists), so the checkpoint can keep it and the line written from it is the line the driver would have written."""
+    return json.loads(json.dumps(report, default=json_default))
 
 
 def average(arrays: list[np.ndarray]) -> torch.Tensor:
@@ -63,6 +71,7 @@ class ParameterServer:
         self.slot_states: dict[int, dict[str, np.ndarray]] = {}  # each worker slot's method state after its last task
         self.restored_step: int | None = None
         self.checkpoint_failures = 0  # failed checkpoint writes in a row
+        self.last_report: dict | None = None  # the report of the step that made self.step (kept in its checkpoint)
         with warnings.catch_warnings(record=True) as caught:  # surfaced to the driver through status()
             warnings.simplefilter("always", CheckpointWarning)
             found = latest_checkpoint(self.checkpoints)
@@ -102,7 +111,7 @@ class ParameterServer:
             applied, grad_norm = report.applied, report.grad_norm
         for r in results:
             self._keep_slot_state(r)
-        return {**self._advance(step, applied, grad_norm, used=len(good)), "workers": [stats(r) for r in results]}
+        return self._advance(step, applied, grad_norm, used=len(good), workers=[stats(r) for r in results])
 
     def apply_async(self, result: dict) -> dict:
         """Apply one gradient, unless it was computed on a snapshot too many versions old or is not finite."""
@@ -117,24 +126,26 @@ class ParameterServer:
             return {"accepted": False, "step": self.step, "reason": "nonfinite"}
         report = self.meta.step({k: torch.from_numpy(np.array(g)) for k, g in result["grads"].items()})
         self._keep_slot_state(result)
-        return {**self._advance(self.step, report.applied, report.grad_norm, used=1), "staleness": staleness,
-                "workers": [stats(result)]}
+        return self._advance(self.step, report.applied, report.grad_norm, used=1, staleness=staleness,
+                             workers=[stats(result)])
 
     def _keep_slot_state(self, result: dict) -> None:
         if result.get("slot_state") is not None:
             self.slot_states[result["slot"]] = copy_arrays(result["slot_state"])
 
-    def _advance(self, step: int, applied: bool, grad_norm: float | None, used: int) -> dict:
+    def _advance(self, step: int, applied: bool, grad_norm: float | None, used: int, **report) -> dict:
+        """Count the step, publish the new snapshot, checkpoint when due; the step's report (which the checkpoint
+        keeps, so a line the driver never got can still be written: raydistill.distributed.metrics_log)."""
         self.step += 1
         if applied:
             self.version += 1
             self.applied_steps.append(step)
         self._publish()
+        self.last_report = plain({"accepted": True, "step": self.step, "applied": applied, "grad_norm": grad_norm,
+                                  "used": used, "dropped": dict(self.dropped), "version": self.version, **report})
         due = self.step % self.cfg.ray.checkpoint_every == 0 or self.step == self.cfg.steps
         error = self._checkpoint_if(due or self.checkpoint_failures > 0)
-        return {"accepted": True, "step": self.step, "applied": applied, "grad_norm": grad_norm, "used": used,
-                "dropped": dict(self.dropped), "version": self.version, "checkpoint_error": error,
-                "checkpoint_failures": self.checkpoint_failures}
+        return {**self.last_report, "checkpoint_error": error, "checkpoint_failures": self.checkpoint_failures}
 
     def _checkpoint_if(self, needed: bool) -> str | None:
         """Write a checkpoint when one is due or an earlier one failed; a failed write is reported, never raised.
@@ -176,13 +187,14 @@ class ParameterServer:
         return {"step": self.step, "version": self.version, "applied_steps": list(self.applied_steps),
                 "dropped": dict(self.dropped), "skipped": self.meta.skipped, "restored_step": self.restored_step,
                 "best_val_acc": None if self.best is None else self.best["val_acc"], "notes": list(self.notes),
-                "checkpoint_failures": self.checkpoint_failures}
+                "checkpoint_failures": self.checkpoint_failures, "last_report": self.last_report}
 
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def checkpoint(self) -> str:
         state = {f"meta.{k}": v for k, v in self.meta.state_dict().items()}
         state.update({"step": self.step, "version": self.version, "applied_steps": self.applied_steps,
+                      "last_report": json.dumps(self.last_report),
                       **{f"dropped.{k}": v for k, v in self.dropped.items()}})
         if self.best is not None:
             state.update({"best.step": self.best["step"], "best.val_acc": self.best["val_acc"],
@@ -206,4 +218,5 @@ class ParameterServer:
             if key.startswith("slot."):
                 _, slot, name = key.split(".", 2)
                 self.slot_states.setdefault(int(slot), {})[name] = value.numpy()
+        self.last_report = json.loads(state["last_report"]) if "last_report" in state else None  # older checkpoints
         self.restored_step = self.step
