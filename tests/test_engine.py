@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import needs_fashion
 from raydistill.io.artifact import read_distilled
@@ -291,6 +292,9 @@ def test_a_step_checkpointed_before_its_report_was_lost_is_still_logged(tmp_path
     for ours, theirs in zip(lines, straight):  # the recovered line says what the lost report said
         assert ours["meta_loss"] == theirs["meta_loss"] and ours["grad_norm"] == theirs["grad_norm"]
     assert torch.equal(images_of(tmp_path / "run"), images_of(tmp_path / "straight"))
+    curves = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"scalars": 0})
+    curves.Reload()
+    assert [e.step for e in curves.Scalars("distill/meta_loss")] == list(range(1, STEPS + 1))  # TensorBoard too
 
 
 @needs_fashion

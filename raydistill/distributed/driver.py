@@ -107,10 +107,12 @@ class Run:
                 warnings.warn(note, CheckpointWarning, stacklevel=2)
         step = status["step"]
         self.write(keep_metrics_up_to, self.run / rundir.METRICS, step)  # steps after the checkpoint are redone
-        if status["last_report"] is not None and status["last_report"]["step"] == step:  # see metrics_log
-            self.write(add_missing_step, self.run / rundir.METRICS, step_record(status["last_report"], recovered=True))
         self.last_recorded = step
         self.watch.restart(step)
+        if status["last_report"] is not None and status["last_report"]["step"] == step:  # see metrics_log
+            record = step_record(status["last_report"], recovered=True)
+            if self.write(add_missing_step, self.run / rundir.METRICS, record):
+                self.watch.step(record, timed=False)
         return step
 
     def record(self, record: dict) -> None:

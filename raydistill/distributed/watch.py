@@ -127,11 +127,12 @@ class RunWatch:
             self.board = RunBoard(self.run, step)
         self.last_step_time = None
 
-    def step(self, record: dict) -> None:
-        """A meta-step's metrics record (steps/s measured between consecutive records)."""
+    def step(self, record: dict, timed: bool = True) -> None:
+        """A meta-step's metrics record (steps/s measured between consecutive timed records; a line recovered from a
+        checkpoint after a restart is not timed)."""
         now = time.perf_counter()
-        rate = None if self.last_step_time is None else 1.0 / max(now - self.last_step_time, 1e-9)
-        self.last_step_time = now
+        rate = None if self.last_step_time is None or not timed else 1.0 / max(now - self.last_step_time, 1e-9)
+        self.last_step_time = now if timed else None
         values = step_scalars(record, rate)
         self.board.scalars(values, record["step"])
         self.trackers.log(values, record["step"])
