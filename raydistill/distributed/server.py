@@ -33,12 +33,6 @@ def stats(result: dict) -> dict:
     return {"loss": result["loss"], "stats": result["stats"], "seconds": result["seconds"], "slot": result["slot"]}
 
 
-def plain(report: dict) -> dict:
-    """`report` as JSON values, converted as metrics.jsonl converts them (numpy / torch values become numbers and
-    lists), so the checkpoint can keep it and the line written from it is the line the driver would have written."""
-    return json.loads(json.dumps(report, default=json_default))
-
-
 def average(arrays: list[np.ndarray]) -> torch.Tensor:
     """Mean over workers, summed in slot order so a given set of gradients always gives the same bits."""
     total = np.array(arrays[0])  # a writable copy: object-store arrays are read-only
@@ -141,8 +135,8 @@ class ParameterServer:
             self.version += 1
             self.applied_steps.append(step)
         self._publish()
-        self.last_report = plain({"accepted": True, "step": self.step, "applied": applied, "grad_norm": grad_norm,
-                                  "used": used, "dropped": dict(self.dropped), "version": self.version, **report})
+        self.last_report = {"accepted": True, "step": self.step, "applied": applied, "grad_norm": grad_norm,
+                            "used": used, "dropped": dict(self.dropped), "version": self.version, **report}
         due = self.step % self.cfg.ray.checkpoint_every == 0 or self.step == self.cfg.steps
         error = self._checkpoint_if(due or self.checkpoint_failures > 0)
         return {**self.last_report, "checkpoint_error": error, "checkpoint_failures": self.checkpoint_failures}
@@ -194,7 +188,7 @@ class ParameterServer:
     def checkpoint(self) -> str:
         state = {f"meta.{k}": v for k, v in self.meta.state_dict().items()}
         state.update({"step": self.step, "version": self.version, "applied_steps": self.applied_steps,
-                      "last_report": json.dumps(self.last_report),
+                      "last_report": json.dumps(self.last_report, default=json_default),  # as metrics.jsonl does
                       **{f"dropped.{k}": v for k, v in self.dropped.items()}})
         if self.best is not None:
             state.update({"best.step": self.best["step"], "best.val_acc": self.best["val_acc"],
