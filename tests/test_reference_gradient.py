@@ -20,8 +20,10 @@ from torch import nn
 from raydistill.config import AugmentConfig
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+import raydistill.models.layers as layers
 from raydistill.models.layers import Conv2d, InstanceNorm
 from raydistill.models.registry import create_model
+from raydistill.models.winograd import winograd_conv3x3
 
 import higher  # noqa: E402,F401  (the test extra installs it; a missing reference must fail here, not skip)
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -30,8 +32,8 @@ from reference_higher import official_network, reference_meta_gradient  # noqa: 
 CLASSES, IPC, SIDE = 3, 2, 8
 
 
-def factory(channels: int = 3):
-    return create_model("convnet", channels, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
+def factory(channels: int = 3, width: int = 6):
+    return create_model("convnet", channels, CLASSES, SIDE, width=width, depth=2, norm="instance").double()
 
 
 def make_problem(channels: int):
@@ -84,6 +86,27 @@ def test_meta_gradient_equals_the_higher_reference(case, channels_last, channels
         torch.testing.assert_close(ours.images, ref_images, rtol=1e-5, atol=1e-5 * ref_images.abs().max().item())
         if learn_labels:
             assert relative_error(ours.labels, ref_labels) < 1e-5
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_meta_gradient_with_winograd_convolutions_equals_the_higher_reference(case, monkeypatch):
+    """Width 64: raydistill's second convolution runs by Winograd F(2x2, 3x3) (raydistill.models.winograd), the
+    reference's by the plain convolution; the gradients still agree to 1e-5 relative."""
+    images, hard, real_x, real_y = make_problem(3)
+    net = partial(factory, 3, 64)
+    cfg, aug, learn_labels = CASES[case]
+    soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1 if learn_labels else None
+    calls = []
+    monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
+    ours = meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, 3)
+    assert calls
+    calls.clear()
+    ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, 3)
+    assert not calls
+    assert ours.meta_loss == pytest.approx(ref_loss, rel=1e-10)
+    assert ref_images.abs().max() > 0 and relative_error(ours.images, ref_images) < 1e-5
+    if learn_labels:
+        assert relative_error(ours.labels, ref_labels) < 1e-5
 
 
 def test_reference_prefix_reaches_the_synthetic_set_and_is_discarded(problem):

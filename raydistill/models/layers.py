@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from raydistill.models.registry import make_norm
+from raydistill.models.winograd import winograd_applies, winograd_conv3x3
 
 _aten = torch.ops.aten
 
@@ -181,15 +182,24 @@ class AvgPool2x2(nn.AvgPool2d):
 
 
 class Conv2d(nn.Conv2d):
-    """`nn.Conv2d` (same module type, parameters and state dict) that runs a single-input-channel convolution on the
-    CPU through ATen's im2col kernel instead of oneDNN's: for a first layer on grey images (Fashion-MNIST, 10 x 1 x
-    28 x 28 -> 32 channels, one thread) its weight gradient took 0.62 ms against 1.34 ms and an unrolled step's
-    second-order pass 3.3 ms against 4.9 ms (benchmarks/README.md). The same convolution up to the order of the
-    sums; derivatives of every order exist (its double backward is the generic convolution's). Other inputs (more
-    channels, where oneDNN is as fast or faster; GPUs; autocast; torch.func transforms, which have no batching
-    rule for the kernel) take the native path. `tests/test_models.py` checks value and derivatives."""
+    """`nn.Conv2d` (same module type, parameters and state dict) with two CPU paths for the inner loop's shapes:
+
+    - a 3x3 convolution with 64+ channels on a cache-sized input runs by Winograd's F(2x2, 3x3)
+      (`raydistill.models.winograd`): 2.25x fewer multiply-adds, the same convolution up to float rounding;
+    - a single-input-channel convolution runs on ATen's im2col kernel instead of oneDNN's: for a first layer on
+      grey images (Fashion-MNIST, 10 x 1 x 28 x 28 -> 32 channels, one thread) its weight gradient took 0.62 ms
+      against 1.34 ms and an unrolled step's second-order pass 3.3 ms against 4.9 ms (benchmarks/README.md), the
+      same convolution up to the order of the sums.
+
+    Derivatives of every order exist on both. Other inputs (GPUs; autocast; torch.func transforms, which have no
+    batching rule for either) take the native path, as does everything when the class attribute `winograd` is
+    False (for comparisons). `tests/test_models.py` and `tests/test_winograd.py` check values and derivatives."""
+
+    winograd = True
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.winograd and not under_func_transform() and winograd_applies(x, self):
+            return winograd_conv3x3(x, weight, bias)
         if (self.in_channels == 1 and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and self.dilation == (1, 1)
                 and not torch.is_autocast_enabled("cpu") and not under_func_transform()):
