@@ -108,8 +108,8 @@ def test_the_float32_meta_gradient_is_as_accurate_as_with_direct_convolutions(mo
 
 
 def test_conv2d_takes_the_path_only_where_it_pays():
-    """Eligible: CPU, 3x3, stride 1, padding 1, 64+ channels in and out, a cache-sized input. Everything else, the
-    switch off, autocast and torch.func transforms take the native kernel, with the same value."""
+    """Eligible: CPU, 3x3, stride 1, padding 1, 64+ channels in and out, at most 2^19 input elements. Everything
+    else, the switch off, autocast and torch.func transforms take the native kernel, with the same value."""
     g = torch.Generator().manual_seed(4)
     wide = Conv2d(64, 64, 3, padding=1)
     x = torch.randn(2, 64, 8, 8, generator=g)

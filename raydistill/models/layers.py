@@ -184,7 +184,7 @@ class AvgPool2x2(nn.AvgPool2d):
 class Conv2d(nn.Conv2d):
     """`nn.Conv2d` (same module type, parameters and state dict) with two CPU paths for the inner loop's shapes:
 
-    - a 3x3 convolution with 64+ channels on a cache-sized input runs by Winograd's F(2x2, 3x3)
+    - a 3x3 convolution with 64+ channels on a small input (an IPC 1 window's) runs by Winograd's F(2x2, 3x3)
       (`raydistill.models.winograd`): 2.25x fewer multiply-adds, the same convolution up to float rounding;
     - a single-input-channel convolution runs on ATen's im2col kernel instead of oneDNN's: for a first layer on
       grey images (Fashion-MNIST, 10 x 1 x 28 x 28 -> 32 channels, one thread) its weight gradient took 0.62 ms

@@ -5,7 +5,8 @@ Winograd's transformed domain the convolution becomes 16 independent matrix prod
 position: V (tiles x C_in) @ U (C_in x C_out), where V = B^T d B holds the transformed input tiles, U = G g G^T the
 transformed filters, and the output tile is A^T M A. That is 16 multiply-adds per 4 outputs instead of 36 (2.25x
 fewer), paid for by the transforms: additions and subtractions only, cheap while the transformed tensors (4x the
-input) stay in the cache.
+input) stay in the cache. It pays on the small batches of an IPC 1 window (10 x 128 x 16 x 16: a whole CIFAR-10
+IPC 1 meta-step 1.11x faster); `winograd_applies` keeps larger inputs and thin layers on the native kernel.
 
 Every transform is linear, so each is an autograd Function whose backward is its adjoint, and the adjoint's
 backward is the transform again: derivatives of every order stay on these paths (the unrolled window
@@ -13,9 +14,9 @@ differentiates each convolution twice), and the matrix products' derivatives are
 
 The value is the convolution's up to float rounding, and no less accurate than oneDNN's direct kernel: the
 transforms' coefficients are 0, +-1 and +-1/2. The larger F(4x4, 3x3) (four times fewer multiply-adds) was faster
-still but made the float32 meta-gradient about 7x less accurate against float64 (benchmarks/README.md), so it is
-not used. `tests/test_winograd.py` checks values, derivatives (gradcheck and gradgradcheck in float64) and the
-float32 accuracy of the convolution and of the meta-gradient against float64.
+still but made the float32 meta-gradient about 5x less accurate against float64 (median over seeds,
+benchmarks/README.md), so it is not used. `tests/test_winograd.py` checks values, derivatives (gradcheck and
+gradgradcheck in float64) and the float32 accuracy of the convolution and of the meta-gradient against float64.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ _B = tuple(zip(*_BT))
 _A = tuple(zip(*_AT))
 
 MIN_CHANNELS = 64  # below this the 16 products are too thin to pay for the transforms (32 channels: slower)
-MAX_INPUT_ELEMENTS = 1 << 20  # above this the transformed input (4x the input) no longer stays in the cache
+# Above this the path stops paying on the 2-core VM measured (32 MiB L3): at 100 x 128 x 8 x 8 (819 200) the
+# convolution alone was 1.2x faster, but a whole IPC 10 meta-step was not (1.005x) and its peak memory rose 7 %
+# (the saved transformed tensors are 4x the input); at 256 x 128 x 8 x 8 it was slower.
+MAX_INPUT_ELEMENTS = 1 << 19
 
 
 def winograd_applies(x: Tensor, conv: torch.nn.Conv2d) -> bool:
