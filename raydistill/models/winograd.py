@@ -191,8 +191,7 @@ def winograd_conv3x3(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> T
     n, c, h, w = x.shape
     k = weight.shape[0]
     th, tw = _tiles(h, w)
-    # U (16, C, K) as a transposed view of (16, K, C): the product reads the weight in place (no transposing copy)
-    u = (_filter_transform(weight) @ weight.reshape(k * c, 9).t()).view(SPAN * SPAN, k, c).transpose(1, 2)
+    u = (_filter_transform(weight) @ weight.permute(2, 3, 1, 0).reshape(9, c * k)).view(SPAN * SPAN, c, k)
     v = _Input.apply(x).view(SPAN * SPAN, n * th * tw, c)
     y = _Output.apply(torch.bmm(v, u).view(SPAN, SPAN, n * th, tw, k), (n, k, h, w))
     return y if bias is None else y + bias.view(1, -1, 1, 1)
