@@ -9,13 +9,18 @@ For each shape (N x C x H x H, C -> C channels) and each path, the median time o
   and weight (a window step's pattern: the convolution differentiated twice);
 and the float32 result's largest error against float64, relative to the output's largest value. `applies` says
 whether raydistill's Conv2d takes the Winograd path at that shape (raydistill.models.winograd.winograd_applies);
-the other rows show why the limits are where they are. Timings in one process, paths interleaved per round.
+the other rows show why the limits are where they are. Timings in one process, paths interleaved per round, run
+with raydistill's allocator setting (raydistill.runtime.MALLOC_TUNABLES, what `ray.reuse_memory` gives the workers:
+the script re-executes itself with it); `--default-allocator` keeps glibc's default, under which the Winograd path's
+larger temporaries are page-faulted in afresh and the convolution alone gains nothing (the whole meta-step still
+did: benchmarks/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -28,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import machine, write_result  # noqa: E402
 
 from raydistill.models.layers import Conv2d  # noqa: E402
+from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 from raydistill.models.winograd import winograd_applies, winograd_conv3x3  # noqa: E402
 
 SHAPES = [  # (N, C, H): where they occur
@@ -89,10 +95,16 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="benchmarks/results/conv.json")
+    ap.add_argument("--default-allocator", action="store_true", help="glibc's default allocator, not the workers'")
     args = ap.parse_args()
+    tunables = "" if args.default_allocator else MALLOC_TUNABLES
+    if os.environ.get("GLIBC_TUNABLES", "") != tunables:  # glibc reads it at process start
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "GLIBC_TUNABLES": tunables})
     torch.set_num_threads(args.threads)
     rows = [bench_shape(n, c, h, max(3, args.repeats * 10 // max(10, n))) for n, c, h in SHAPES]
-    write_result({"machine": machine(torch.device("cpu")), "unit": "ms (median)", "rows": rows}, args.out)
+    allocator = "default" if args.default_allocator else "reuse"
+    write_result({"machine": machine(torch.device("cpu")), "allocator": allocator, "unit": "ms (median)", "rows": rows},
+                 args.out)
     return 0
 
 
