@@ -19,6 +19,7 @@ test: setup data
 bench: setup data
 	$(PY) -m pip install -q -e '.[bench]'
 	$(PY) benchmarks/bench_step.py
+	$(PY) benchmarks/bench_conv.py
 	$(PY) benchmarks/bench_scaling.py
 	$(PY) benchmarks/bench_boost.py
 

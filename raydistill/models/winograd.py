@@ -34,7 +34,8 @@ _A = tuple(zip(*_AT))
 MIN_CHANNELS = 64  # below this the 16 products are too thin to pay for the transforms (32 channels: slower)
 # Above this the path stops paying on the 2-core VM measured (32 MiB L3): at 100 x 128 x 8 x 8 (819 200) the
 # convolution alone was 1.2x faster, but a whole IPC 10 meta-step was not (1.005x) and its peak memory rose 7 %
-# (the saved transformed tensors are 4x the input); at 256 x 128 x 8 x 8 it was slower.
+# (the saved transformed tensors are 4x the input); at 256 x 128 x 8 x 8 it gained 1.06x on one thread and lost
+# on two (0.96x).
 MAX_INPUT_ELEMENTS = 1 << 19
 
 
