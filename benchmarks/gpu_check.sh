@@ -25,7 +25,8 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         || { echo "gpu_check: installing the carried wheels failed" >&2; exit 1; }
 fi
 if compgen -G ".whl/ray-*.tar.xz" >/dev/null; then
-    tar -xJf .whl/ray-*.tar.xz -C /tmp/site || { echo "gpu_check: unpacking Ray failed" >&2; exit 1; }
+    "$py" -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall('/tmp/site', filter='data')" .whl/ray-*.tar.xz \
+        || { echo "gpu_check: unpacking Ray failed" >&2; exit 1; }  # Python's lzma: the image may have no xz
 fi
 export PYTHONPATH="$PYTHONPATH:/tmp/site"
 {

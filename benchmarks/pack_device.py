@@ -21,6 +21,7 @@ import io
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -59,6 +60,7 @@ def ray_tarball(wheel: Path, out: Path) -> Path:
             member = tarfile.TarInfo(info.filename)
             member.size = len(data)
             member.mode = 0o755 if (info.external_attr >> 16) & 0o111 else 0o644
+            member.mtime = int(time.mktime((*info.date_time, 0, 0, -1)))
             tar.addfile(member, io.BytesIO(data))
     return target
 

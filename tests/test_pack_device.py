@@ -3,6 +3,7 @@
 import os
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def test_ray_tarball_drops_the_jar_and_keeps_modes(tmp_path):
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(zipfile.ZipInfo("ray/"), b"")
         for name, (data, mode) in files.items():
-            info = zipfile.ZipInfo(name)
+            info = zipfile.ZipInfo(name, date_time=(2026, 1, 2, 3, 4, 6))
             info.external_attr = (0o100000 | mode) << 16
             zf.writestr(info, data)
     target = ray_tarball(wheel, tmp_path)
@@ -56,4 +57,5 @@ def test_ray_tarball_drops_the_jar_and_keeps_modes(tmp_path):
     for name in kept:
         assert (site / name).read_bytes() == files[name][0]
     assert os.access(site / "ray/core/src/ray/raylet/raylet", os.X_OK)
+    assert time.localtime((site / "ray/__init__.py").stat().st_mtime)[:6] == (2026, 1, 2, 3, 4, 6)
     assert not os.access(site / "ray/__init__.py", os.X_OK)
