@@ -32,7 +32,9 @@ except bf16:
   the allocator setting;
 - `samples2`, `samples4`: raydistill with `ratbptt.samples_per_task` 2 or 4 (that many samples batched through
   torch.func.vmap in one task; their mean is the mean of as many `raydistill` samples): the seconds reported are the
-  task's divided by K (compare them with `raydistill`'s), the peak memory is the task's.
+  task's divided by K (compare them with `raydistill`'s), the peak memory is the task's;
+- `compile`: raydistill with `ratbptt.compile_prefix` (the prefix's steps through torch.compile; float32 rounding
+  only): the warm-up step pays the compilation, and its peak memory includes the compiler's.
 """
 
 from __future__ import annotations
@@ -62,9 +64,9 @@ from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402
 from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
 VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
-            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples2", "samples4")
+            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples2", "samples4", "compile")
 # run in a process with raydistill's allocator setting
-REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples2", "samples4")
+REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples2", "samples4", "compile")
 SAMPLES = {"samples2": 2, "samples4": 4}  # samples per task: times are reported per sample (task / K)
 
 
@@ -161,15 +163,16 @@ class Problem:
         if variant in SAMPLES:
             batched_meta_gradient(*args, self.factory, replace(r, samples_per_task=SAMPLES[variant]), aug, seed)
             return
-        own = variant in ("bf16", "segments", "raydistill")  # raydistill's configured levers plus this one
-        layers = "all" if variant in ("bf16", "raydistill") else {
+        own = variant in ("bf16", "segments", "raydistill", "compile")  # raydistill's configured levers plus this one
+        layers = "all" if variant in ("bf16", "raydistill", "compile") else {
             "fused_norm": "norm", "channels_last+fused_norm": "norm", "segments": "norm", "fast_pool": "pool"
         }.get(variant, "none")
         channels_last = r.channels_last if own else variant.startswith("channels_last")
         precision = "bf16" if variant == "bf16" else r.precision
         segments = round(r.window ** 0.5) if variant == "segments" else r.window_segments
         meta_gradient(*args, self.levers[layers],
-                      replace(r, channels_last=channels_last, precision=precision, window_segments=segments), aug, seed)
+                      replace(r, channels_last=channels_last, precision=precision, window_segments=segments,
+                              compile_prefix=r.compile_prefix or variant == "compile"), aug, seed)
 
     def timed(self, variant: str, seed: int) -> float:
         if self.device.type == "cuda":

@@ -6,7 +6,8 @@
 # There:        bash benchmarks/gpu_check.sh "$OUT"    (the device tool: carry [".whl"], timeout_s 600)
 #
 # Stages, in this order unless STAGES names others: the CUDA-only tests (OUTDIR/gpu_tests.log); bench_step.py on CUDA
-# for the quickstart (the reference, raydistill, 4 batched samples per task and bf16: OUTDIR/step_gpu_quickstart.json);
+# for the quickstart (the reference, raydistill, 4 batched samples per task, bf16 and the compiled prefix:
+# OUTDIR/step_gpu_quickstart.json);
 # `share`, 4 Ray workers at 0.25 GPU each against 1 (bench_scaling.py --gpu-share: OUTDIR/scaling_gpu_share.json);
 # then bench_step.py for ipc1, cifar100 and ipc10, one JSON each, so a run cut short keeps what finished. The log is
 # OUTDIR/gpu_check.log. DEVICE=cpu STAGES="step:quickstart share" REPEATS=1 runs the same steps on a CPU (share on a
@@ -45,7 +46,7 @@ for stage in $stages; do
     step:*)
         config=${stage#step:}
         "$py" benchmarks/bench_step.py --device "$device" --configs "$config" --repeats "$repeats" \
-            --variants reference,raydistill,samples4,bf16 --out "$out/step_gpu_$config.json" 2>&1 \
+            --variants reference,raydistill,samples4,bf16,compile --out "$out/step_gpu_$config.json" 2>&1 \
             | grep -v '^{' | tee -a "$out/gpu_check.log" || status=1 ;;
     share)
         if ! "$py" -c "import ray" 2>/dev/null; then

@@ -41,6 +41,10 @@ class RatBpttConfig:
     # returns their mean, so the parameter server still averages per sample. A GPU lever at small IPC; slower on CPU
     # (benchmarks/README.md). Float32 windows of a fixed length only, without checkpointing or NHWC convolutions.
     samples_per_task: int = 1
+    # The prefix's inner steps (forward and first-order backward) through torch.compile, once per process and network
+    # shape (compiled.py); the window cannot be compiled (no double backward). Needs inductor's compiler (a C++
+    # compiler on CPU, Triton on GPU); the first step pays the compile time. Float32 rounding only
+    compile_prefix: bool = False
 
 
 def validate_section(r: RatBpttConfig, norm: str | None = None) -> None:
@@ -80,6 +84,11 @@ def validate_section(r: RatBpttConfig, norm: str | None = None) -> None:
             f"set window_segments <= {r.window} (each segment holds at least one inner step)"
         )
     choice(r.precision, PRECISIONS, "ratbptt.precision")
+    if not isinstance(r.compile_prefix, bool):
+        raise ConfigError(f"ratbptt.compile_prefix: must be true or false, got {r.compile_prefix!r}")
+    if r.compile_prefix and norm == "batch":
+        raise ConfigError("ratbptt.compile_prefix: does not combine with model.norm batch (the compiled prefix would "
+                          "update another module's running statistics); set compile_prefix: false or another norm")
     validate_samples(r, norm)
 
 
@@ -92,7 +101,8 @@ def validate_samples(r: RatBpttConfig, norm: str | None = None) -> None:
         return
     clashes = [(r.window_mode == "random_length", "window_mode random_length (windows of different lengths)"),
                (r.window_segments > 1, "window_segments > 1"), (r.precision != "float32", f"precision {r.precision}"),
-               (r.channels_last, "channels_last"), (norm == "batch", "model.norm batch (running statistics)")]
+               (r.channels_last, "channels_last"), (norm == "batch", "model.norm batch (running statistics)"),
+               (r.compile_prefix, "compile_prefix")]
     for clash, what in clashes:
         if clash:
             raise ConfigError(f"ratbptt.samples_per_task: {k} samples per task do not combine with {what}; "

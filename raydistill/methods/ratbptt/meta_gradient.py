@@ -9,7 +9,7 @@ sample: a retried task recomputes the same gradient.
 Two options change how the window is differentiated: `window_segments` > 1 recomputes the window's graph segment by
 segment during the backward pass (checkpointed.py: the same gradient in less memory), and `precision: bf16` runs
 the window's and the meta-loss's forward passes under bfloat16 autocast (different numerics; float32 losses,
-gradients in the images' dtype).
+gradients in the images' dtype). `compile_prefix` runs the prefix's steps through torch.compile (compiled.py).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.checkpointed import checkpointed_window_gradient
+from raydistill.methods.ratbptt.compiled import compiled_loss
 from raydistill.methods.ratbptt.inner_opt import InnerState, make_inner_optimizer
 from raydistill.models.layers import set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
@@ -107,6 +108,7 @@ class Unroll:
         self.opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)
         self.bf16 = cfg.precision == "bf16"
         self.device_type = images.device.type
+        self.compiled = compiled_loss(self.model, self.names, self.shapes, self.sizes) if cfg.compile_prefix else None
 
     def logits(self, params: list[Tensor], x: Tensor, low_precision: bool) -> Tensor:
         """The network's output at `params`. With bf16 and `low_precision` (the window and the meta-loss), the
@@ -149,7 +151,11 @@ class Unroll:
             grads = torch.autograd.grad(self.inner_loss(params, x, targets, window), params, create_graph=True)
             return self.opt.step(params, list(grads), state)
         params = [p.detach().requires_grad_(True) for p in params]
-        grads = torch.autograd.grad(self.inner_loss(params, x, targets, window), params)
+        if self.compiled is not None and not window:  # the prefix (compiled.py: never the window's graph)
+            loss = self.compiled(params[0], *self.inner_batch(x, targets))
+        else:
+            loss = self.inner_loss(params, x, targets, window)
+        grads = torch.autograd.grad(loss, params)
         with torch.no_grad():
             return self.opt.step(params, list(grads), state)
 
