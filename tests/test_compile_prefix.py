@@ -1,5 +1,6 @@
 """`ratbptt.compile_prefix`: the prefix's steps through torch.compile give the eager meta-gradient (float64), every
-prefix step and no window step takes the compiled path, and later samples reuse the compiled code."""
+prefix step and no window step takes the compiled path, later samples reuse the compiled code, and a failed
+compilation says what to do."""
 
 from dataclasses import replace
 
@@ -38,6 +39,36 @@ def test_the_compiled_prefix_gives_the_eager_gradient_and_compiles_once():
         starts.append(fast.start)
     assert len(set(starts)) > 1 and min(starts) > 0  # windows at different starts, each after a compiled prefix
     assert graphs[0] > 0 and graphs[1] == graphs[2] == graphs[0]  # fresh networks, no recompilation
+
+
+def test_a_failed_compilation_names_the_option_and_the_fix(monkeypatch):
+    images, hard, soft, real_x, real_y = make_problem()
+    on = replace(CFG, compile_prefix=True, window_mode="fixed", fixed_start=2)
+    built = []
+
+    def no_compiler(fn, **kwargs):
+        built.append(fn)
+
+        def fail(*args):
+            raise OSError("cc: command not found\nsecond line")
+        return fail
+
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    monkeypatch.setattr(compiled.torch, "compile", no_compiler)
+    with pytest.raises(RuntimeError, match=r"^ratbptt.compile_prefix: torch.compile failed \(OSError: cc: command "
+                       r"not found\); install a C\+\+ compiler \(CPU\) or Triton \(GPU\), or set "
+                       r"ratbptt.compile_prefix: false$"):
+        meta_gradient(images, hard, soft, real_x, real_y, convnet, on, AUG, 3)
+    assert len(built) == 1
+
+
+def test_the_convolution_layout_gets_its_own_compiled_loss(monkeypatch):
+    monkeypatch.setattr(compiled, "_COMPILED", {})
+    net = convnet()
+    named = list(net.named_parameters())
+    args = ([n for n, _ in named], [p.shape for _, p in named], [p.numel() for _, p in named])
+    nchw, nhwc = compiled.compiled_loss(net, *args, False), compiled.compiled_loss(net, *args, True)
+    assert nchw is not nhwc and compiled.compiled_loss(convnet(), *args, False) is nchw
 
 
 @pytest.mark.parametrize("change, needle", [

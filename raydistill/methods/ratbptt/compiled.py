@@ -36,16 +36,26 @@ class CompiledLoss:
 
     def __call__(self, flat: Tensor, x: Tensor, targets: Tensor) -> Tensor:
         self.calls += 1
-        return self.fn(flat, x, targets)
+        if self.calls > 1:
+            return self.fn(flat, x, targets)
+        try:  # the first call compiles: a machine without inductor's compiler fails here
+            return self.fn(flat, x, targets)
+        except Exception as exc:
+            first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+            raise RuntimeError(f"ratbptt.compile_prefix: torch.compile failed ({type(exc).__name__}: {first}); "
+                               "install a C++ compiler (CPU) or Triton (GPU), or set ratbptt.compile_prefix: false"
+                               ) from exc
 
 
 _COMPILED: dict[tuple, CompiledLoss] = {}
 
 
-def compiled_loss(model: nn.Module, names: list[str], shapes: list[torch.Size], sizes: list[int]) -> CompiledLoss:
-    """This process's compiled inner loss for networks built like `model` (same layers, shapes, device, dtype)."""
+def compiled_loss(model: nn.Module, names: list[str], shapes: list[torch.Size], sizes: list[int],
+                  channels_last: bool) -> CompiledLoss:
+    """This process's compiled inner loss for networks built like `model` (same layers, shapes, device, dtype and
+    convolution layout, which the module's repr does not show)."""
     first = next(model.parameters())
-    key = (repr(model), tuple(names), tuple(tuple(s) for s in shapes), str(first.device), first.dtype)
+    key = (repr(model), tuple(names), tuple(tuple(s) for s in shapes), str(first.device), first.dtype, channels_last)
     if key not in _COMPILED:
         _COMPILED[key] = CompiledLoss(model, names, shapes, sizes)
     return _COMPILED[key]

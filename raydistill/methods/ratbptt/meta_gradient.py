@@ -108,7 +108,8 @@ class Unroll:
         self.opt = make_inner_optimizer(cfg.inner_optimizer, cfg.inner_lr, cfg.inner_momentum)
         self.bf16 = cfg.precision == "bf16"
         self.device_type = images.device.type
-        self.compiled = compiled_loss(self.model, self.names, self.shapes, self.sizes) if cfg.compile_prefix else None
+        self.compiled = (compiled_loss(self.model, self.names, self.shapes, self.sizes, cfg.channels_last)
+                         if cfg.compile_prefix else None)
 
     def logits(self, params: list[Tensor], x: Tensor, low_precision: bool) -> Tensor:
         """The network's output at `params`. With bf16 and `low_precision` (the window and the meta-loss), the
