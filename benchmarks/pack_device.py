@@ -90,6 +90,8 @@ def main() -> int:
     ap.add_argument("--test-images", type=int, default=1000)
     ap.add_argument("--limit-mib", type=float, default=60.0, help="fail above this (the carry limit is 64 MiB)")
     args = ap.parse_args()
+    if args.train_images < 1 or args.test_images < 1:
+        ap.error("--train-images and --test-images must be at least 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fashion_mnist_head(Path(args.data), out / "fashion-mnist", args.train_images, args.test_images)
