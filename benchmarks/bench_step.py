@@ -309,10 +309,16 @@ def machine(device: torch.device) -> dict:
 
 
 def write_result(result: dict, path: str) -> None:
-    """`result` with the command line and the date, as JSON at `path`."""
+    """`result` with the command line and the date, as JSON at `path`; an existing file's `history` list is kept."""
     result = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "date": time.strftime("%Y-%m-%d"),
               **result}
     out = Path(path)
+    try:
+        history = json.loads(out.read_text()).get("history")
+    except (OSError, ValueError, AttributeError):
+        history = None
+    if isinstance(history, list):
+        result["history"] = history
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,4 +1,4 @@
-"""benchmarks/pack_device.py: what a lent GPU machine gets (Ray without its Java jar, the head of Fashion-MNIST)."""
+"""benchmarks/offline_bundle.py: the GPU node bundle (Ray without its Java jar, the head of Fashion-MNIST)."""
 
 import os
 import sys
@@ -15,7 +15,7 @@ from raydistill.data.loaders import read_idx
 from raydistill.data.registry import load_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from pack_device import FMNIST, fashion_mnist_head, ray_tarball  # noqa: E402
+from offline_bundle import FMNIST, fashion_mnist_head, ray_tarball  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 

@@ -1,15 +1,19 @@
-"""Pack what benchmarks/gpu_check.sh needs on a lent GPU machine that the machine lacks, into .whl/ (run here, once).
+"""Bundle what benchmarks/gpu_selfcheck.sh needs for a GPU node without internet access, into .whl/.
 
-    python benchmarks/pack_device.py            # then: device run, carry [".whl"], bash benchmarks/gpu_check.sh "$OUT"
+    python benchmarks/offline_bundle.py                # on a machine with internet and this checkout installed
+    rsync -a ./ gpu-node:raydistill/                   # the checkout, .whl/ included, onto the GPU node
+    bash benchmarks/gpu_selfcheck.sh OUTDIR            # on the GPU node, from the checkout
 
-The GPU machines have Python 3.12 with torch, pyarrow, pandas, aiohttp, requests and most of Ray's other needs, but
-no Ray, no `higher`, no tensorboardX and no jsonschema, no Fashion-MNIST, and no network; what a call carries is
-capped at 64 MiB. Ray's wheel alone is 79 MB, so it travels as an xz tarball of its installed files without the
-Java jar (32 MB compressed; raydistill's workers are Python), which gpu_check.sh unpacks beside the wheels. The data
-is the first --train-images / --test-images of the local Fashion-MNIST copy, as idx .gz files: enough for
+For an air-gapped GPU node that has Python (3.12 by default, --python to change) with CUDA torch, pyarrow, pandas,
+aiohttp and requests, but not Ray, `higher`, tensorboardX, jsonschema or Fashion-MNIST. The bundle holds the wheels
+of `higher`, tensorboardX and jsonschema (with its dependencies) at the versions installed here; Ray at the version
+installed here, as an xz tarball of its installed files without the Java jar (raydistill's workers are Python; this
+keeps the bundle small: about 24 MiB instead of a 79 MB wheel), which gpu_selfcheck.sh unpacks beside the wheels;
+and the first --train-images / --test-images of the local Fashion-MNIST copy as idx .gz files: enough for
 bench_scaling.py --gpu-share, whose quickstart reads real batches from the training split and evaluates nothing.
 
-Writes OUT/*.whl, OUT/ray-VERSION-cpXY.tar.xz and OUT/fashion-mnist/, and fails if the folder is over --limit-mib.
+Writes OUT/*.whl, OUT/ray-VERSION-cpXY.tar.xz and OUT/fashion-mnist/ (about 29 MiB with the defaults), and fails if
+the folder is over --limit-mib.
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raydistill.data.loaders import read_idx  # noqa: E402
 
-# Carried as wheels, at the versions installed here: the benchmarks' reference, and what Ray and raydistill import
-# that the GPU image lacks (KINDS.md's package list).
+# Bundled as wheels, at the versions installed here: the benchmarks' reference, and what Ray and raydistill import
+# that a CUDA torch image typically lacks.
 WHEELS = ("higher", "tensorboardX", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py")
 # Parts of Ray's wheel a single-node Python run never reads.
 RAY_SKIP = ("ray/jars/",)
@@ -75,7 +79,7 @@ def fashion_mnist_head(src: Path, dest: Path, train: int, test: int) -> None:
     for stem in FMNIST:
         path = src / (stem + ".gz") if (src / (stem + ".gz")).exists() else src / stem
         if not path.exists():
-            raise SystemExit(f"pack_device: {src / stem}.gz (or {stem}) is missing; run "
+            raise SystemExit(f"offline_bundle: {src / stem}.gz (or {stem}) is missing; run "
                              "scripts/ensure-fashion-mnist.sh or point --data at a Fashion-MNIST folder")
         keep = train if stem.startswith("train") else test
         write_idx(read_idx(path)[:keep], dest / (stem + ".gz"))
@@ -83,12 +87,13 @@ def fashion_mnist_head(src: Path, dest: Path, train: int, test: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=".whl", help="the folder to carry (git-ignored; default .whl)")
-    ap.add_argument("--python", default="3.12", help="the GPU machine's Python (default 3.12)")
+    ap.add_argument("--out", default=".whl", help="the bundle folder (git-ignored; default .whl)")
+    ap.add_argument("--python", default="3.12", help="the GPU node's Python version (default 3.12)")
     ap.add_argument("--data", default="/usr/share/datasets/fashion-mnist", help="the local Fashion-MNIST folder")
-    ap.add_argument("--train-images", type=int, default=10000)
-    ap.add_argument("--test-images", type=int, default=1000)
-    ap.add_argument("--limit-mib", type=float, default=60.0, help="fail above this (the carry limit is 64 MiB)")
+    ap.add_argument("--train-images", type=int, default=10000, help="training images to bundle (default 10000)")
+    ap.add_argument("--test-images", type=int, default=1000, help="test images to bundle (default 1000)")
+    ap.add_argument("--limit-mib", type=float, default=60.0,
+                    help="fail when the bundle is larger than this many MiB (default 60; keeps the bundle small)")
     args = ap.parse_args()
     if args.train_images < 1 or args.test_images < 1:
         ap.error("--train-images and --test-images must be at least 1")
@@ -107,7 +112,7 @@ def main() -> int:
         print(f"{p.stat().st_size / 2**20:7.2f} MiB  {p}")
     print(f"{total:7.2f} MiB  in all ({tarball.name} from {ray_wheels[0].name})")
     if total > args.limit_mib:
-        print(f"pack_device: {out} holds {total:.1f} MiB, over --limit-mib {args.limit_mib}; carry fewer images",
+        print(f"offline_bundle: {out} holds {total:.1f} MiB, over --limit-mib {args.limit_mib}; bundle fewer images",
               file=sys.stderr)
         return 1
     return 0
