@@ -26,23 +26,24 @@ from pathlib import Path
 import ray
 import torch
 
-from raydistill.io.artifact import read_distilled
-from raydistill.distributed.boost import boost
-from raydistill.synset.boost import schedule
-from raydistill.config.loading import load_config
-from raydistill.config.validate import load_checked
-from raydistill.distributed.driver import distill
-from raydistill.eval.baselines import random_real_subset
-from raydistill.eval.train import Accuracy, evaluate_set
-from raydistill.io.run_dir import targets_of
+from raydistill.compat import loopback_init_kwargs
+from raydistill.storage.artifact import read_distilled
+from raydistill.engine.boost import boost
+from raydistill.synset.blocks import schedule
+from raydistill.setup import load_config
+from raydistill.setup import load_checked
+from raydistill.engine.driver import distill
+from raydistill.data.selection import random_real_subset
+from raydistill.evaluate.train import Accuracy, Networks, evaluate_set
+from raydistill.storage.run_dir import targets_of
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import machine  # noqa: E402
 
 
 def score(x, targets, dataset, cfg, models: int) -> dict:
-    acc = evaluate_set(x, targets, dataset, cfg, "convnet", models, cfg.eval.steps, "test", seed=cfg.seed + 20_000,
-                       device=torch.device("cpu"))
+    networks = Networks("convnet", models, cfg.eval.steps, "test", seed=cfg.seed + 20_000)
+    acc = evaluate_set(x, targets, dataset, cfg, networks, device=torch.device("cpu"))
     return {"mean": round(acc.mean, 2), "std": round(acc.std, 2), "accs": acc.accs}
 
 
@@ -51,8 +52,8 @@ def score_random(dataset, cfg, ipc: int, models: int) -> dict:
     accs = []
     for i in range(models):
         x, y = random_real_subset(dataset, ipc, seed=cfg.seed + 10_000 + i)
-        accs += evaluate_set(x, y, dataset, cfg, "convnet", 1, cfg.eval.steps, "test", seed=cfg.seed + 20_000 + i,
-                             device=torch.device("cpu")).accs
+        networks = Networks("convnet", 1, cfg.eval.steps, "test", seed=cfg.seed + 20_000 + i)
+        accs += evaluate_set(x, y, dataset, cfg, networks, device=torch.device("cpu")).accs
     acc = Accuracy.of(accs)
     return {"mean": round(acc.mean, 2), "std": round(acc.std, 2), "accs": acc.accs}
 
@@ -70,7 +71,7 @@ def main() -> int:
     dataset = load_checked(base)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
+             **loopback_init_kwargs())
     began = time.time()
     sets: dict[str, dict[int, tuple]] = {"boosted": {}, "direct_cut": {}, "direct": {}, "random_real": {}}
     try:

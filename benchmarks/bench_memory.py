@@ -68,7 +68,7 @@ class Probe:
     def __init__(self):
         import torch  # noqa: F401
 
-        import raydistill.distributed.worker  # noqa: F401
+        import raydistill.engine.worker  # noqa: F401
 
     def memory(self) -> dict:
         return smaps()
@@ -77,8 +77,8 @@ class Probe:
 def measure(cfg_overrides: list[str], workers: int) -> dict:
     import torch
 
-    from raydistill.config.loading import config_to_dict, load_config
-    from raydistill.distributed.worker import GradientWorker
+    from raydistill.setup import config_to_dict, load_config
+    from raydistill.engine.worker import GradientWorker
 
     class MeasuredWorker(GradientWorker):
         def __init__(self, *args):
@@ -95,12 +95,12 @@ def measure(cfg_overrides: list[str], workers: int) -> dict:
 
     register_random_128()
     cfg = load_config("quickstart", cfg_overrides + ["eval.every=0"], check_paths=False)
-    args: tuple = (config_to_dict(cfg), "ray")
+    args: tuple = (cfg, "ray")
     shared = None
     if "shared" in inspect.signature(GradientWorker.__init__).parameters:  # this checkout: the driver shares the data
         from raydistill.data.registry import load_dataset
-        from raydistill.distributed.backend import BACKENDS
-        from raydistill.distributed.shared_data import share
+        from raydistill.engine.backend import BACKENDS
+        from raydistill.engine.shared_data import share
 
         shared = share(load_dataset(cfg.data), cfg, BACKENDS["ray"])
         args = (*args, shared)
@@ -127,9 +127,9 @@ def step_seconds(repeats: int) -> dict:
 
     import torch
 
-    from raydistill.config.loading import load_config
+    from raydistill.setup import load_config
     from raydistill.data.registry import load_dataset
-    from raydistill.distributed.worker import method_resources
+    from raydistill.engine.worker import method_resources
     from raydistill.methods.registry import get_method
     from raydistill.synset.synthetic import init_synthetic
 
@@ -164,8 +164,10 @@ def main() -> None:
     args = p.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", object_store_memory=5 * 2**30,
-             logging_level="WARNING")
+    from raydistill.compat import loopback_init_kwargs
+
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=5 * 2**30, logging_level="WARNING",
+             **loopback_init_kwargs())
     try:
         results = {}
         for name in args.sets:

@@ -51,15 +51,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_tune import REPO, machine  # noqa: E402
 
-from raydistill.config.loading import load_config  # noqa: E402
+from raydistill.setup import load_config  # noqa: E402
 from raydistill.config.schema import AugmentConfig, DistillConfig, EvalConfig  # noqa: E402
 from raydistill.data.registry import load_dataset  # noqa: E402
-from raydistill.distributed.driver import distill  # noqa: E402
-from raydistill.distributed.worker import method_resources  # noqa: E402
-from raydistill.eval.report import NETWORK_SEED, evaluation_report  # noqa: E402
-from raydistill.eval.train import Accuracy, network_accuracy  # noqa: E402
-from raydistill.io import run_dir as rundir  # noqa: E402
-from raydistill.io.artifact import read_distilled  # noqa: E402
+from raydistill.engine.driver import distill  # noqa: E402
+from raydistill.engine.worker import method_resources  # noqa: E402
+from raydistill.evaluate.report import NETWORK_SEED, ReportOptions, evaluation_report  # noqa: E402
+from raydistill.evaluate.train import Accuracy, NetworkSpec, network_accuracy  # noqa: E402
+from raydistill.storage import run_dir as rundir  # noqa: E402
+from raydistill.storage.artifact import read_distilled  # noqa: E402
 from raydistill.methods.base import IMAGES  # noqa: E402
 from raydistill.methods.dc.original import original_schedule  # noqa: E402
 from raydistill.methods.matching import resolved_loops  # noqa: E402
@@ -128,8 +128,9 @@ def eval_config(cfg: DistillConfig, args: argparse.Namespace) -> DistillConfig:
 def distilled_accuracy(x: torch.Tensor, targets: torch.Tensor, dataset, ecfg: DistillConfig,
                        device: torch.device) -> dict:
     """Test accuracy of ecfg.eval.num_models ConvNets trained on the set: the seeds evaluation_report pairs."""
-    accs = [network_accuracy(x, targets, dataset.test_x, dataset.test_y, "convnet", ecfg, dataset.num_classes,
-                             ecfg.seed + NETWORK_SEED + i, ecfg.eval.steps, True, device)
+    accs = [network_accuracy(x, targets, dataset.test_x, dataset.test_y,
+                             NetworkSpec("convnet", dataset.num_classes, ecfg.seed + NETWORK_SEED + i, ecfg.eval.steps,
+                                         True), ecfg, device)
             for i in range(ecfg.eval.num_models)]
     return dataclasses.asdict(Accuracy.of(accs))
 
@@ -169,7 +170,7 @@ def budget_mode(args: argparse.Namespace, scratch: Path, device: torch.device, p
         first = next(iter(sets))
         dataset = load_dataset(sets[first][2].data)
         ecfg = eval_config(sets[first][2], args)
-        report = evaluation_report(sets[first][0], sets[first][1], ipc, dataset, ecfg, device)
+        report = evaluation_report(sets[first][0], sets[first][1], ipc, dataset, ecfg, ReportOptions(device=device))
         entry["eval"] = {k: report[k] for k in ("split", "num_models", "steps", "recipe", "lr", "augment")}
         entry["baselines"] = {name: by_arch["convnet"] for name, by_arch in report["baselines"].items()}
         for method, (x, targets, _) in sets.items():

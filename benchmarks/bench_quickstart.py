@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_tune import REPO, machine  # noqa: E402
 
-from raydistill.io.artifact import read_distilled  # noqa: E402
+from raydistill.storage.artifact import read_distilled  # noqa: E402
 
 COMMANDS = {"ray": ["distill", "--preset", "quickstart"], "in_process": ["distill", "--preset", "quickstart", "--in-process"]}
 

@@ -38,9 +38,10 @@ import numpy as np
 import ray
 import torch
 
-from raydistill.config.loading import config_to_dict, load_config
-from raydistill.distributed.driver import distill
-from raydistill.distributed.server import ParameterServer
+from raydistill.compat import loopback_init_kwargs
+from raydistill.setup import config_to_dict, load_config
+from raydistill.engine.driver import distill
+from raydistill.engine.server import ParameterServer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_step import machine  # noqa: E402
@@ -92,7 +93,7 @@ def server_overhead(n: int, shape: tuple, workers: int, steps: int, warmup: int)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((n, *shape), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(config_to_dict(cfg), tmp, {"images": images},
+        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, tmp, {"images": images},
                                                                      np.arange(n) % 100)
         pool = [ray.remote(NullWorker).options(num_cpus=0).remote() for _ in range(workers)]
         times = []
@@ -123,7 +124,7 @@ def main() -> int:
     args = ap.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=args.num_cpus or os.cpu_count(), num_gpus=args.num_gpus, include_dashboard=False,
-             logging_level=logging.WARNING, _node_ip_address="127.0.0.1")
+             logging_level=logging.WARNING, **loopback_init_kwargs())
     if args.gpu_share:
         try:
             gpus = ray.cluster_resources().get("GPU", 0)

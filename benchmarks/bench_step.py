@@ -56,8 +56,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_higher import official_network, reference_meta_gradient  # noqa: E402
 
-from raydistill.config.loading import load_config  # noqa: E402
-from raydistill.eval.train import network_for  # noqa: E402
+from raydistill.setup import load_config  # noqa: E402
+from raydistill.evaluate.train import network_for  # noqa: E402
 from raydistill.methods.base import task_seed  # noqa: E402
 from raydistill.methods.ratbptt.batched import batched_meta_gradient  # noqa: E402
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402

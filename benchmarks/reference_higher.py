@@ -33,7 +33,8 @@ from raydistill.config.schema import AugmentConfig
 from raydistill.data.augment import augment
 from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
-from raydistill.methods.ratbptt.meta_gradient import class_indices, plan_window, sample_synthetic_batch
+from raydistill.data.selection import class_index
+from raydistill.methods.ratbptt.meta_gradient import plan_window, sample_synthetic_batch
 from raydistill.models.losses import soft_cross_entropy
 
 
@@ -100,7 +101,7 @@ def reference_meta_gradient(
     rng = torch.Generator().manual_seed(seed)
     start, window = plan_window(cfg, rng)
     num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
-    by_class = class_indices(hard_labels, num_classes)
+    by_class = class_index(hard_labels.cpu(), num_classes)
     net = official_network(seeded_network(model_factory, rng, images))
 
     # The learnables, as the official Distill module holds them: leaves that every backward reaches.

@@ -8,22 +8,23 @@ import time
 from pathlib import Path
 
 from raydistill.config import ConfigError
-from raydistill.config.loading import config_from_dict, config_to_dict, load_config, preset_names
-from raydistill.config.validate import load_checked
+from raydistill.setup import config_from_dict, config_to_dict, load_config
+from raydistill.config.loading import preset_names
+from raydistill.setup import load_checked
 from raydistill.data.registry import DataError
-from raydistill.distributed.boost import boost, evaluate_budgets
-from raydistill.distributed.driver import EngineError, distill
-from raydistill.distributed.prepare import prepare
-from raydistill.distributed.results import run_evaluation
-from raydistill.io.artifact import ArtifactError, read_distilled, write_distilled
-from raydistill.io.console import console
-from raydistill.io.summary import summarise
-from raydistill.io.run_dir import ARTIFACT, CONFIG, load_run, targets_of
-from raydistill.io.store import Location, location, one_line
+from raydistill.engine.boost import boost, evaluate_budgets
+from raydistill.engine.driver import EngineError, distill
+from raydistill.data.prepare import prepare
+from raydistill.evaluate.results import EvalOptions, run_evaluation
+from raydistill.storage.artifact import ArtifactError, read_distilled, write_distilled
+from raydistill.watch.console import console
+from raydistill.watch.summary import summarise
+from raydistill.storage.run_dir import ARTIFACT, CONFIG, load_run, targets_of
+from raydistill.storage.store import Location, location, one_line
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS
 from raydistill.runtime import set_threads
-from raydistill.synset.boost import schedule
+from raydistill.synset.blocks import schedule
 from raydistill.tune import Interrupted, run_sweep
 
 
@@ -226,11 +227,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                             f"{cfg.data.name} has {'x'.join(map(str, dataset.image_shape))}; the artifact does not "
                             "belong to its own config")
     if args.budgets is not None:
-        evaluate_budgets(location(args.run_dir), cfg, dataset, _budgets(args.budgets), cfg.eval.archs, args.models,
-                         progress=not args.quiet)
+        evaluate_budgets(location(args.run_dir), cfg, dataset, _budgets(args.budgets),
+                         EvalOptions(cfg.eval.archs, args.models, progress=not args.quiet))
         return 0
-    run_evaluation(location(args.run_dir), dset.images, targets_of(dset), cfg, dataset, cfg.eval.archs, args.models,
-                   progress=not args.quiet, on_ray=False)
+    run_evaluation(location(args.run_dir), dset.images, targets_of(dset), cfg, dataset,
+                   EvalOptions(cfg.eval.archs, args.models, progress=not args.quiet, on_ray=False))
     return 0
 
 

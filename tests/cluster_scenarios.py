@@ -34,12 +34,13 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
+from raydistill.compat import loopback_init_kwargs  # noqa: E402
 from raydistill.config import ConfigError  # noqa: E402
-from raydistill.config.loading import load_config  # noqa: E402
-import raydistill.distributed.driver as engine  # noqa: E402
-from raydistill.distributed.driver import distill  # noqa: E402
-from raydistill.distributed.server import ParameterServer  # noqa: E402
-from raydistill.distributed.worker import GradientWorker  # noqa: E402
+from raydistill.setup import load_config  # noqa: E402
+import raydistill.engine.driver as engine  # noqa: E402
+from raydistill.engine.driver import Hooks, distill  # noqa: E402
+from raydistill.engine.server import ParameterServer  # noqa: E402
+from raydistill.engine.worker import GradientWorker  # noqa: E402
 
 TINY = ["ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64", "eval.every=0",
         "threads=1", "ray.worker_threads=1", "ray.cpus_per_worker=1", "ray.checkpoint_every=2",
@@ -91,8 +92,7 @@ class ServerRecordsItsNode(ParameterServer):
 
 def connect(cluster: Cluster) -> None:
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=True,
-             _node_ip_address="127.0.0.1")
+    ray.init(address=cluster.address, logging_level=logging.WARNING, log_to_driver=True, **loopback_init_kwargs())
 
 
 def node_ids(cluster: Cluster) -> dict:
@@ -163,8 +163,8 @@ def node_loss(out: Path, steps: int = 40, remove_after: int = 5) -> dict:
         def distil() -> None:
             try:
                 outcome["summary"] = distill(tiny(f"steps={steps}", "ray.workers=2"), run, progress=False,
-                                                    evaluate=False, worker_cls=RecordsItsNode,
-                                                    server_cls=ServerRecordsItsNode)
+                                             evaluate=False, hooks=Hooks(worker_cls=RecordsItsNode,
+                                                                         server_cls=ServerRecordsItsNode))
             except BaseException:  # noqa: BLE001 - reported through the result file
                 outcome["error"] = traceback.format_exc()
             outcome["finished_at"] = time.time()
@@ -278,7 +278,7 @@ def shared_storage(out: Path, steps: int = 40, max_kills: int = 6) -> dict:
     """
     import signal
 
-    from raydistill.io.artifact import read_distilled
+    from raydistill.storage.artifact import read_distilled
 
     shared = out / "shared"
     uri = f"file://{shared.resolve()}/run"
@@ -296,7 +296,7 @@ def shared_storage(out: Path, steps: int = 40, max_kills: int = 6) -> dict:
         def distil() -> None:
             try:
                 outcome["summary"] = distill(cfg(), uri, progress=False, evaluate=False,
-                                             server_cls=ServerRecordsItsNode)
+                                             hooks=Hooks(server_cls=ServerRecordsItsNode))
             except BaseException:  # noqa: BLE001 - reported through the result file
                 outcome["error"] = traceback.format_exc()
 

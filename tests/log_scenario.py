@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 from raydistill import cli
-from raydistill.distributed import driver
-from raydistill.distributed.worker import GradientWorker
+from raydistill.engine import driver
+from raydistill.engine.worker import GradientWorker
 
 
 def marker(seed: int) -> Path:
@@ -33,7 +33,7 @@ class DiesAtStep3(GradientWorker):
 if __name__ == "__main__":
     run = Path(sys.argv[1])
     seed = os.getpid()  # a marker of this scenario's own
-    driver.distill.__kwdefaults__["worker_cls"] = DiesAtStep3  # what the CLI's distill() call uses
+    driver.distill.__kwdefaults__["hooks"] = driver.Hooks(worker_cls=DiesAtStep3)  # what the CLI's distill() uses
     overrides = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
                  "eval.every=4", "eval.val_models=1", "eval.val_steps=5", "eval.num_models=1", "eval.steps=5",
                  "data.val_size=200", "ray.workers=2", "ray.cpus_per_worker=1", "ray.worker_threads=1", "threads=1",

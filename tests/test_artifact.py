@@ -16,9 +16,10 @@ import pytest
 import torch
 from PIL import Image
 
-from raydistill.io import artifact, atomic, summary
-from raydistill.io.artifact import ArtifactError, DistilledSet
-from raydistill.config.loading import config_from_dict, config_to_dict
+from raydistill.storage import artifact, atomic
+from raydistill.watch import summary
+from raydistill.storage.artifact import ArtifactError, DistilledSet
+from raydistill.setup import config_from_dict, config_to_dict
 
 
 def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True, blocks: bool = False) -> DistilledSet:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
+from raydistill.setup import load_config
 from raydistill.config.schema import AUGMENTATIONS, AugmentConfig
 from raydistill.data.augment import AugParams, _rotate, _whole_pixels, apply_params, augment, siamese_params
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import needs_fashion
-from raydistill.io.artifact import read_distilled
-from raydistill.distributed.boost import boost
+from raydistill.storage.artifact import read_distilled
+from raydistill.engine.boost import boost
 from raydistill.cli import main
 from raydistill.config import MetaOptConfig
-from raydistill.config.loading import load_config
+from raydistill.setup import load_config
 from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.io.checkpoint import (
+from raydistill.storage.checkpoint import (
     CheckpointError,
     CheckpointWarning,
     arrays_to_state,

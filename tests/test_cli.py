@@ -6,7 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from raydistill.io.artifact import read_distilled
+from raydistill.storage.artifact import read_distilled
 from raydistill.cli import main
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
@@ -114,7 +114,7 @@ def test_presets_command_lists_quickstart(capsys):
 def test_grid_puts_one_class_per_column():
     import torch
 
-    from raydistill.io.run_dir import grid_order
+    from raydistill.storage.run_dir import grid_order
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]

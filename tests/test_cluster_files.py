@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from raydistill.compat import prepare_cluster_config, validate_cluster_config
+
 ROOT = Path(__file__).resolve().parent.parent
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml"]
@@ -51,10 +53,8 @@ def test_launcher_files_pass_rays_own_validator(name, no_network):
     # prepare_config merges the provider's defaults.yaml (a file inside ray; the cloud SDKs are not imported and
     # no cloud is called: that is bootstrap_config's job, which `ray up` runs later), then validate_config checks
     # the result against ray-schema.json and Ray's cross-field rules.
-    from ray.autoscaler._private.util import prepare_config, validate_config
-
-    prepared = prepare_config(copy.deepcopy(launcher(name)))
-    validate_config(prepared)
+    prepared = prepare_cluster_config(copy.deepcopy(launcher(name)))
+    validate_cluster_config(prepared)
     assert prepared["head_node_type"] in prepared["available_node_types"]
 
 

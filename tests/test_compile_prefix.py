@@ -12,7 +12,7 @@ from test_window_options import AUG, convnet, make_problem, relative_error
 
 import raydistill.methods.ratbptt.compiled as compiled
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
+from raydistill.setup import load_config
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_section
 from raydistill.methods.ratbptt.meta_gradient import meta_gradient
 

@@ -7,7 +7,8 @@ import pytest
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import config_from_dict, config_to_dict, load_config, preset_names
+from raydistill.setup import config_from_dict, config_to_dict, load_config
+from raydistill.config.loading import preset_names
 from raydistill.methods.ratbptt.config import RatBpttConfig
 
 FASHION = "/usr/share/datasets/fashion-mnist"

@@ -15,12 +15,12 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import needs_fashion
-from raydistill.io.artifact import read_distilled
+from raydistill.storage.artifact import read_distilled
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.distributed.driver import distill
-from raydistill.distributed.server import ParameterServer
-from raydistill.distributed.worker import GradientWorker
+from raydistill.setup import load_config
+from raydistill.engine.driver import Hooks, distill
+from raydistill.engine.server import ParameterServer
+from raydistill.engine.worker import GradientWorker
 from raydistill.runtime import MALLOC_TUNABLES
 
 pytestmark = needs_fashion
@@ -110,7 +110,7 @@ class DiesOnce(GradientWorker):
 def test_a_killed_worker_loses_no_step(reference_k2, tmp_path, monkeypatch):
     monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "marker"))
     summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
-                             worker_cls=DiesOnce)
+                             hooks=Hooks(worker_cls=DiesOnce))
     assert (tmp_path / "marker").exists()  # the worker really died
     assert summary["status"]["applied_steps"] == list(range(STEPS))
     assert torch.equal(images_of(tmp_path / "run"), images_of(reference_k2[0]))  # the retry recomputed the same
@@ -127,7 +127,7 @@ class ServerDiesOnce(ParameterServer):
 
 def test_a_killed_parameter_server_resumes_from_its_checkpoint(reference_k2, tmp_path):
     summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
-                             server_cls=ServerDiesOnce)
+                             hooks=Hooks(server_cls=ServerDiesOnce))
     assert (tmp_path / "run" / "server-died").exists()
     status = summary["status"]
     assert status["restored_step"] == 2  # the last checkpoint before step 3: one interval redone at most
@@ -146,7 +146,7 @@ class NaNFromSlot1(GradientWorker):
 
 def test_a_non_finite_gradient_is_dropped_and_the_others_apply(ray_session, tmp_path):
     summary = distill(tiny("ray.workers=2"), tmp_path / "run", progress=False, evaluate=False,
-                             worker_cls=NaNFromSlot1)
+                             hooks=Hooks(worker_cls=NaNFromSlot1))
     assert summary["dropped"]["nonfinite"] == 1
     assert summary["status"]["applied_steps"] == list(range(STEPS))
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -200,7 +200,7 @@ def test_async_mode_applies_the_requested_steps_and_logs_staleness(ray_session, 
 def test_the_server_drops_stale_gradients(ray_session, tmp_path):
     cfg = tiny("ray.mode=async", "ray.max_staleness=1")
     learnables = {"images": np.zeros((10, 1, 28, 28), np.float32), "soft_labels": np.eye(10, dtype=np.float32)}
-    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), learnables, np.arange(10))
+    ps = ParameterServer(cfg, str(tmp_path), learnables, np.arange(10))
     fresh = {"grads": {"images": np.ones((10, 1, 28, 28), np.float32), "soft_labels": np.zeros((10, 10), np.float32)},
              "loss": 1.0, "stats": {}, "seconds": 0.0, "slot": 0}
     assert ps.apply_async({**fresh, "version": 0})["accepted"]
@@ -213,7 +213,7 @@ def test_the_server_drops_stale_gradients(ray_session, tmp_path):
 def test_a_repeated_sync_apply_is_not_applied_twice(ray_session, tmp_path):
     cfg = tiny()
     learnables = {"images": np.zeros((10, 1, 28, 28), np.float32), "soft_labels": np.eye(10, dtype=np.float32)}
-    ps = ParameterServer(cfg_dict(cfg), str(tmp_path), learnables, np.arange(10))
+    ps = ParameterServer(cfg, str(tmp_path), learnables, np.arange(10))
     grad = {"grads": {"images": np.ones((10, 1, 28, 28), np.float32), "soft_labels": np.zeros((10, 10), np.float32)},
             "loss": 1.0, "stats": {}, "seconds": 0.0, "slot": 0, "version": 0}
     assert ps.apply_sync(0, grad)["accepted"]
@@ -229,14 +229,8 @@ def test_a_request_the_cluster_can_never_meet_fails_at_once(ray_session, tmp_pat
     assert time.time() - began < 30
 
 
-def cfg_dict(cfg):
-    from raydistill.config.loading import config_to_dict
-
-    return config_to_dict(cfg)
-
-
 def test_a_node_holds_as_many_workers_as_every_resource_allows():
-    from raydistill.distributed.cluster import workers_that_fit
+    from raydistill.engine.cluster import workers_that_fit
 
     assert workers_that_fit({"CPU": 1.0, "GPU": 2.0}, {"GPU": 1.0, "CPU": 1.0}) == 1
     assert workers_that_fit({"CPU": 8.0, "GPU": 2.0}, {"GPU": 0.5, "CPU": 1.0}) == 4
@@ -283,7 +277,7 @@ class DiesAfterItsCheckpoint(ParameterServer):
 @needs_fashion
 def test_a_step_checkpointed_before_its_report_was_lost_is_still_logged(tmp_path):
     distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False,
-            server_cls=DiesAfterItsCheckpoint)
+            hooks=Hooks(server_cls=DiesAfterItsCheckpoint))
     distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
     assert metric_steps(tmp_path / "run") == list(range(1, STEPS + 1))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -299,7 +293,8 @@ def test_a_step_checkpointed_before_its_report_was_lost_is_still_logged(tmp_path
 
 @needs_fashion
 def test_steps_redone_after_a_silent_server_restart_are_logged_once(tmp_path):
-    distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False, server_cls=GoesBackSilently)
+    distill(tiny(), tmp_path / "run", in_process=True, progress=False, evaluate=False,
+            hooks=Hooks(server_cls=GoesBackSilently))
     distill(tiny(), tmp_path / "straight", in_process=True, progress=False, evaluate=False)
     assert metric_steps(tmp_path / "run") == list(range(1, STEPS + 1))
     assert torch.equal(images_of(tmp_path / "run"), images_of(tmp_path / "straight"))

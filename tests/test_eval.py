@@ -8,12 +8,14 @@ import pytest
 import torch
 
 from conftest import needs_fashion
-from raydistill.config.loading import config_to_dict, load_config
+from raydistill.setup import config_to_dict, load_config
 from raydistill.data.registry import load_dataset
-from raydistill.distributed.evaluation import evaluation_report_on_ray
-from raydistill.distributed.validator import Validator, validator_options
-from raydistill.eval.baselines import coreset, herding_indices, kcenter_indices, random_real_subset
-from raydistill.eval.report import (
+from raydistill.evaluate.remote import evaluation_report_on_ray
+from raydistill.engine.worker import ValidatorActor, validator_options
+from raydistill.evaluate.baselines import coreset, herding_indices, kcenter_indices
+from raydistill.data.selection import random_real_subset
+from raydistill.evaluate.report import (
+    ReportOptions,
     assemble,
     evaluation_report,
     format_report,
@@ -21,7 +23,7 @@ from raydistill.eval.report import (
     plan_networks,
     training_sets,
 )
-from raydistill.eval.validation import validation_accuracy
+from raydistill.evaluate.validator import validation_accuracy
 
 CPU = torch.device("cpu")
 TINY = ["eval.steps=5", "eval.num_models=2", "model.width=8", "data.val_size=100", "eval.val_steps=5",
@@ -91,9 +93,9 @@ def test_random_baseline_draws_a_fresh_subset_for_every_network(fashion):
 def test_the_same_seed_gives_the_same_report(fashion):
     cfg = tiny()
     x, y = distilled(fashion)
-    a = evaluation_report(x, y, 1, fashion, cfg, CPU)
-    assert a == evaluation_report(x, y, 1, fashion, cfg, CPU)
-    assert a != evaluation_report(x, y, 1, fashion, tiny("seed=1"), CPU)
+    a = evaluation_report(x, y, 1, fashion, cfg, ReportOptions(device=CPU))
+    assert a == evaluation_report(x, y, 1, fashion, cfg, ReportOptions(device=CPU))
+    assert a != evaluation_report(x, y, 1, fashion, tiny("seed=1"), ReportOptions(device=CPU))
 
 
 # ---------------------------------------------------------------------------------------------- better of two recipes
@@ -130,7 +132,7 @@ def test_a_trained_report_holds_both_variants_of_every_baseline(fashion):
     cfg = tiny("eval.baselines=[random,herding]")
     x, y = distilled(fashion)
     ticks = []
-    report = evaluation_report(x, y, 1, fashion, cfg, CPU, tick=lambda: ticks.append(1))
+    report = evaluation_report(x, y, 1, fashion, cfg, ReportOptions(tick=lambda: ticks.append(1), device=CPU))
     assert len(ticks) == network_count(cfg, ["convnet"], 2) == 2 + 2 * 2 * 2
     assert set(report["baselines"]) == {"random", "herding"}
     for entry in (report["baselines"][name]["convnet"] for name in ("random", "herding")):
@@ -193,8 +195,8 @@ def test_the_ray_report_equals_the_in_process_report(ray_session, fashion, one_t
     cfg = tiny("eval.baselines=[random,kcenter]")
     x, y = distilled(fashion)
     ticks = []
-    on_ray = evaluation_report_on_ray(x, y, 1, fashion, cfg, tick=lambda: ticks.append(1))
-    assert on_ray == evaluation_report(x, y, 1, fashion, cfg, CPU)
+    on_ray = evaluation_report_on_ray(x, y, 1, fashion, cfg, ReportOptions(tick=lambda: ticks.append(1)))
+    assert on_ray == evaluation_report(x, y, 1, fashion, cfg, ReportOptions(device=CPU))
     assert len(ticks) == network_count(cfg, cfg.eval.archs, 2)
 
 
@@ -217,14 +219,14 @@ def expected_validation(snapshot, dataset, cfg) -> float:
 def test_the_validator_returns_validation_accuracy(fashion, one_thread, soft):
     cfg = tiny()
     snapshot = snapshot_of(fashion, soft)
-    assert Validator(config_to_dict(cfg)).validate(snapshot) == expected_validation(snapshot, fashion, cfg)
+    assert ValidatorActor(cfg).validate(snapshot) == expected_validation(snapshot, fashion, cfg)
 
 
 @needs_fashion
 def test_the_validator_actor_returns_validation_accuracy(ray_session, fashion, one_thread):
     cfg = tiny()
     snapshot = snapshot_of(fashion, soft=True)
-    actor = ray_session.remote(Validator).options(**validator_options(has_gpus=False)).remote(config_to_dict(cfg))
+    actor = ray_session.remote(ValidatorActor).options(**validator_options(has_gpus=False)).remote(cfg)
     first = ray_session.get(actor.validate.remote(snapshot))
     assert first == expected_validation(snapshot, fashion, cfg)
     assert ray_session.get(actor.validate.remote(ray_session.put(snapshot))) == first  # as the driver passes it

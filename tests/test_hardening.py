@@ -5,8 +5,8 @@ from conftest import needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.config.validate import check_archs, load_checked
+from raydistill.setup import load_config
+from raydistill.setup import check_archs, load_checked
 
 
 @pytest.mark.parametrize("override", ["meta.lr=nan", "meta.lr=.inf", "ratbptt.inner_lr=nan", "eval.lr=-.inf",
@@ -52,7 +52,7 @@ import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from test_artifact import make_set  # noqa: E402
 
-from raydistill.io import artifact  # noqa: E402
+from raydistill.storage import artifact  # noqa: E402
 
 # Bad values for every metadata key raydistill reads. A key written by raydistill that is neither here nor in
 # FREE_FORM fails test_every_metadata_key_has_bad_value_cases: a new field gets its crafted cases with it.
@@ -197,9 +197,9 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
-import raydistill.distributed.driver as driver  # noqa: E402
-from raydistill.distributed.driver import EngineError, distill  # noqa: E402
-from raydistill.distributed.server import ParameterServer  # noqa: E402
+import raydistill.engine.driver as driver  # noqa: E402
+from raydistill.engine.driver import EngineError, Hooks, distill  # noqa: E402
+from raydistill.engine.server import ParameterServer  # noqa: E402
 
 TINY = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
         "eval.every=0", "threads=1", "ray.checkpoint_every=2", "ray.write_retries=3"]
@@ -233,7 +233,8 @@ def no_backoff(monkeypatch):
 def test_a_checkpoint_outage_loses_no_step_record_and_is_reported(tmp_path, capsys, monkeypatch, no_backoff):
     monkeypatch.setattr(FailsCheckpoints, "failing", {4, 5})  # the write due at step 4 fails twice, then works
     run = tmp_path / "run"
-    distill(tiny(), run, in_process=True, progress=False, evaluate=False, server_cls=FailsCheckpoints)
+    distill(tiny(), run, in_process=True, progress=False, evaluate=False,
+            hooks=Hooks(server_cls=FailsCheckpoints))
     assert metric_steps(run) == list(range(1, 9))  # no record lost while the writes failed
     err = capsys.readouterr().err
     assert "checkpoint write failed at step 4 (Permission denied" in err and "(2/3)" in err
@@ -249,7 +250,8 @@ def test_checkpoint_writes_failing_past_the_bound_stop_in_one_line_and_resume_to
     run = tmp_path / "run"
     with pytest.raises(EngineError, match=rf"checkpoint writes to {run}/checkpoints failed 3 times in a row.*"
                                           rf"continue with: raydistill distill --resume {run}"):
-        distill(tiny(), run, in_process=True, progress=False, evaluate=False, server_cls=FailsCheckpoints)
+        distill(tiny(), run, in_process=True, progress=False, evaluate=False,
+                hooks=Hooks(server_cls=FailsCheckpoints))
     assert not (run / "distilled.parquet").exists()
     summary = distill(None, run, resume=True, in_process=True, progress=False, evaluate=False)
     assert summary["status"]["step"] == 8 and metric_steps(run) == list(range(1, 9))
@@ -308,7 +310,7 @@ def test_the_embedded_ray_listens_on_loopback_only_with_authentication_on(tmp_pa
     authentication is left at its default (on) — the environment here does not switch it off."""
     script = (
         "import json, ray\n"
-        "from raydistill.distributed.cluster import connect\n"
+        "from raydistill.runtime import connect\n"
         "connect(None)\n"
         "print(json.dumps({'node': ray.nodes()[0]['NodeManagerAddress'],\n"
         "                  'gcs': ray.get_runtime_context().gcs_address,\n"

@@ -8,8 +8,8 @@ it never meets the session's Ray (tests/conftest.py) or anyone else's. It is sto
 
 `ray start` cannot add a second node on loopback: with RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 (which keeps the head on
 127.0.0.1) it refuses to start a non-head node, and with =1 it rewrites 127.0.0.1 to the machine's network address.
-The second node is therefore started the way ray.cluster_utils starts one (ray._private.node.Node, head=False), in
-a process of its own. The job API lives in the dashboard, so this test needs Ray's dashboard dependencies
+The second node is therefore started the way ray.cluster_utils starts one (Ray's Node class with head=False, from
+raydistill.compat.ray_node_classes), in a process of its own. The job API lives in the dashboard, so this test needs Ray's dashboard dependencies
 (`ray[default]`, in the test extra); it fails with that hint where they are missing.
 """
 
@@ -31,6 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FASHION, needs_fashion
+from raydistill.compat import dashboard_dependency_error
 
 pytestmark = [pytest.mark.slow, needs_fashion]
 
@@ -44,13 +45,14 @@ JOB_TIMEOUT_S = 240
 # killed. Started like ray.cluster_utils.Cluster.add_node does it.
 NODE_SCRIPT = r"""
 import sys, time
-import ray._private.node
-from ray._private.parameter import RayParams
+from raydistill.compat import ray_node_classes
+
+Node, RayParams = ray_node_classes()
 
 params = RayParams(node_ip_address="127.0.0.1", gcs_address=sys.argv[1], num_cpus=1, num_gpus=0,
                    object_store_memory=80 * 2**20, include_log_monitor=False, node_manager_port=0,
                    min_worker_port=0, max_worker_port=0, dashboard_agent_listen_port=None)
-ray._private.node.Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
+Node(params, head=False, shutdown_at_exit=True, spawn_reaper=False)
 print("node started", flush=True)
 while True:
     time.sleep(3600)
@@ -58,12 +60,7 @@ while True:
 
 
 def dashboard_missing() -> str | None:
-    try:
-        from ray._private.utils import get_dashboard_dependency_error
-    except ImportError:  # pragma: no cover - a Ray without the helper
-        return None
-    error = get_dashboard_dependency_error()
-    return None if error is None else str(error)
+    return dashboard_dependency_error()
 
 
 def free_port() -> int:
@@ -310,7 +307,7 @@ def check_artifact(run_dir: Path, prepared: Path) -> None:
     """The run directory's distilled set opens with raydistill's reader and is the set the config asked for."""
     import torch
 
-    from raydistill.io.artifact import read_distilled
+    from raydistill.storage.artifact import read_distilled
 
     dset = read_distilled(run_dir / "distilled.parquet")
     assert tuple(dset.images.shape) == (10, 3, 32, 32)

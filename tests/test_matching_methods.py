@@ -10,14 +10,16 @@ import yaml
 from conftest import needs_fashion
 
 from raydistill.config import ConfigError
-from raydistill.config.loading import PRESETS, config_from_dict, load_config
+from raydistill.config.loading import PRESETS
+from raydistill.setup import config_from_dict, load_config
 from raydistill.data.registry import load_dataset
-from raydistill.distributed.worker import method_resources
+from raydistill.engine.worker import method_resources
 from raydistill.methods.base import IMAGES, seeded_network, task_seed
 from raydistill.methods.cafe.loss import cafe_terms
 from raydistill.methods.dc.loss import dc_loss, layerwise_distance, tensor_distance
 from raydistill.methods.dm.loss import dm_loss
-from raydistill.methods.matching import MatchingContext, class_index, published_loops
+from raydistill.data.selection import class_index
+from raydistill.methods.matching import MatchingContext, published_loops
 from raydistill.methods.registry import get_method, method_names
 from raydistill.models.registry import create_model
 from raydistill.synset.synthetic import init_synthetic

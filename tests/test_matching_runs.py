@@ -14,10 +14,10 @@ import yaml
 from conftest import needs_fashion
 
 from raydistill.cli import main
-from raydistill.config.loading import config_from_dict
-from raydistill.distributed.driver import distill
-from raydistill.distributed.worker import GradientWorker
-from raydistill.io.artifact import read_distilled
+from raydistill.setup import config_from_dict
+from raydistill.engine.driver import Hooks, distill
+from raydistill.engine.worker import GradientWorker
+from raydistill.storage.artifact import read_distilled
 from raydistill.tune import run_sweep
 
 pytestmark = [needs_fashion, pytest.mark.slow]
@@ -105,7 +105,7 @@ def test_a_killed_dsa_worker_leaves_exactly_one_record_per_step(ray_session, tmp
     cfg = config_from_dict(tiny("dsa"))
     reference = distill(cfg, tmp_path / "reference", progress=False, evaluate=False)
     monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "marker"))
-    summary = distill(cfg, tmp_path / "run", progress=False, evaluate=False, worker_cls=DiesOnce)
+    summary = distill(cfg, tmp_path / "run", progress=False, evaluate=False, hooks=Hooks(worker_cls=DiesOnce))
     assert (tmp_path / "marker").exists()  # the worker really died
     assert summary["status"]["applied_steps"] == reference["status"]["applied_steps"] == list(range(STEPS))
     assert [r["step"] for r in steps_logged(tmp_path / "run")] == list(range(1, STEPS + 1))

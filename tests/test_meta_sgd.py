@@ -10,8 +10,8 @@ import torch
 from conftest import make_meta, named
 
 from raydistill.config import ConfigError, MetaOptConfig
-from raydistill.config.loading import load_config
-from raydistill.io.checkpoint import arrays_to_state, load_checkpoint, save_checkpoint, state_to_arrays
+from raydistill.setup import load_config
+from raydistill.storage.checkpoint import arrays_to_state, load_checkpoint, save_checkpoint, state_to_arrays
 from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
 

@@ -11,10 +11,10 @@ from conftest import needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.distributed.driver import distill
-from raydistill.io.artifact import read_distilled
-from raydistill.io.checkpoint import latest_checkpoint
+from raydistill.setup import load_config
+from raydistill.engine.driver import distill
+from raydistill.storage.artifact import read_distilled
+from raydistill.storage.checkpoint import latest_checkpoint
 from raydistill.tune import run_sweep
 
 pytestmark = needs_fashion

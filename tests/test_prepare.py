@@ -19,7 +19,7 @@ from PIL import Image
 
 from raydistill.cli import main
 from raydistill.config import ConfigError, DataConfig
-from raydistill.data.prepare import (SUBSETS_DIR, fit_square, read_class_list, resize_images, select_classes,
+from raydistill.data.sources import (SUBSETS_DIR, fit_square, read_class_list, resize_images, select_classes,
                                      subset_names)
 from raydistill.data.registry import DATASETS, DataError, load_dataset
 

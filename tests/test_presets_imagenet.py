@@ -6,8 +6,9 @@ import torch
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import PRESETS, load_config
-from raydistill.config.validate import check_archs
+from raydistill.config.loading import PRESETS
+from raydistill.setup import load_config
+from raydistill.setup import check_archs
 from raydistill.models.registry import create_model
 
 SUBSETS = {f"{name}-ipc{ipc}": (name, ipc) for name in ("imagenette", "imagewoof") for ipc in (1, 10)}

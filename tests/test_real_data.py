@@ -1,6 +1,6 @@
 """Real data on workers: uint8 until a batch is drawn, one shared copy, and a seeded subset of shards past cache_gb.
 
-Specification of raydistill.data.real and raydistill.distributed.shared_data (the statistical test of equal draw
+Specification of raydistill.data.real and raydistill.engine.shared_data (the statistical test of equal draw
 probabilities is here too; README "Real data on workers" states the rule).
 """
 
@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.config.loading import config_to_dict, load_config
+from raydistill.setup import config_to_dict, load_config
 from raydistill.data.real import Normaliser, RealImages
 from raydistill.data.registry import Dataset, channel_stats
 from raydistill.data.zca import ZCA
-from raydistill.distributed.backend import BACKENDS
-from raydistill.distributed.shared_data import GIB, WorkerData, share, shard_plan
-from raydistill.distributed.worker import GradientWorker
+from raydistill.engine.backend import BACKENDS
+from raydistill.engine.shared_data import GIB, WorkerData, share, shard_plan
+from raydistill.engine.worker import GradientWorker
 
 LOCAL = BACKENDS["local"]
 
@@ -173,7 +173,7 @@ def test_a_worker_sets_its_method_up_again_when_its_shards_change(monkeypatch):
                       check_paths=False)
     shared = share(ds, cfg, LOCAL)
     assert shared.num_shards > shared.hold
-    worker = GradientWorker(config_to_dict(cfg), "local", shared)
+    worker = GradientWorker(cfg, "local", shared)
     seen = []
     for step in range(6):
         worker.hold(step, 0)
@@ -209,8 +209,8 @@ FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
 
 @pytest.mark.skipif(not __import__("os").path.isdir(FASHION_ROOT), reason="needs dataset-fashion-mnist")
 def test_a_sharded_run_on_ray_equals_the_in_process_run(ray_session, tmp_path):
-    from raydistill.distributed.driver import distill
-    from raydistill.io.artifact import read_distilled
+    from raydistill.engine.driver import distill
+    from raydistill.storage.artifact import read_distilled
 
     tiny = ["steps=4", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "eval.every=0", "data.val_size=200",
             "ratbptt.real_batch=64", "ray.cpus_per_worker=1", "ray.workers=2", "threads=1", "ray.worker_threads=1",

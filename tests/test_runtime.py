@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.distributed.evaluation import task_options
-from raydistill.distributed.validator import validator_options
-from raydistill.distributed.worker import worker_options
+from raydistill.setup import load_config
+from raydistill.evaluate.remote import task_options
+from raydistill.engine.worker import validator_options
+from raydistill.engine.worker import worker_options
 from raydistill.runtime import MALLOC_TUNABLES, compute_options
 
 ray_cloudpickle = pytest.importorskip("ray.cloudpickle")

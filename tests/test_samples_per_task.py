@@ -9,7 +9,7 @@ import torch
 from test_window_options import AUG, convnet, dead_param_net, make_problem, relative_error
 
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
+from raydistill.setup import load_config
 from raydistill.methods.base import IMAGES, SOFT_LABELS, task_seed
 from raydistill.methods.ratbptt.batched import batched_meta_gradient, sample_seed
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_samples, validate_section

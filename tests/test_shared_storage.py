@@ -1,4 +1,4 @@
-"""Runs on shared storage: run directories named by a URI (raydistill.io.store).
+"""Runs on shared storage: run directories named by a URI (raydistill.storage.store).
 
 file:// is the local folder it names; other URIs go through pyarrow.fs or fsspec. The tests use fsspec's in-process
 `memory://` file system as the stand-in for a remote store (nothing on it is a local file), a recording handler to see
@@ -23,13 +23,13 @@ from conftest import needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.distributed import driver
-from raydistill.distributed.driver import EngineError, distill
-from raydistill.distributed.server import ParameterServer
-from raydistill.io import artifact, atomic, run_dir as rundir, store
-from raydistill.io.checkpoint import CheckpointWarning, latest_checkpoint, list_checkpoints, save_checkpoint
-from raydistill.io.store import Location, location
+from raydistill.setup import load_config
+from raydistill.engine import driver
+from raydistill.engine.driver import EngineError, Hooks, distill
+from raydistill.engine.server import ParameterServer
+from raydistill.storage import artifact, atomic, run_dir as rundir, store
+from raydistill.storage.checkpoint import CheckpointWarning, latest_checkpoint, list_checkpoints, save_checkpoint
+from raydistill.storage.store import Location, location
 
 TINY = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
         "eval.every=0", "threads=1", "ray.checkpoint_every=2", "ray.write_retries=3"]
@@ -211,7 +211,8 @@ class FailsCheckpoints(ParameterServer):
 def test_an_interrupted_run_on_a_uri_resumes_from_it_to_the_same_set(tmp_path, memory_uri, monkeypatch, capsys):
     monkeypatch.setattr(driver, "backoff", lambda attempt: 0.0)
     with pytest.raises(EngineError, match=f"continue with: raydistill distill --resume {memory_uri}"):
-        distill(tiny(), memory_uri, in_process=True, progress=False, evaluate=False, server_cls=FailsCheckpoints)
+        distill(tiny(), memory_uri, in_process=True, progress=False, evaluate=False,
+                hooks=Hooks(server_cls=FailsCheckpoints))
     assert not (location(memory_uri) / "distilled.parquet").exists()
     assert main(["distill", "--resume", memory_uri, "--in-process", "--quiet", "--no-eval"]) == 0
     assert main(["distill", "--resume", memory_uri, "--in-process", "--quiet", "--no-eval"]) == 0  # finished: left

@@ -16,8 +16,8 @@ import yaml
 from conftest import needs_fashion
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.distributed.worker import GradientWorker
+from raydistill.setup import load_config
+from raydistill.engine.worker import GradientWorker
 from raydistill.tune import WORST_SCORE, checked_config, load_sweep, run_sweep, run_trial, trial_config, trial_resources
 from raydistill.tune import trial as tune_trial
 
@@ -141,7 +141,7 @@ def test_a_trial_asks_for_exactly_the_workers_it_starts(tmp_path):
 def test_a_mis_sized_placement_group_is_refused_at_once_instead_of_hanging(ray_session):
     from ray.util.placement_group import placement_group, remove_placement_group
 
-    from raydistill.distributed.cluster import TrialPlacement
+    from raydistill.engine.cluster import TrialPlacement
 
     group = placement_group([{"CPU": 1}], strategy="PACK")
     ray_session.get(group.ready(), timeout=30)

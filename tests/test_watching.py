@@ -16,15 +16,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import needs_fashion
 from raydistill.cli import main
 from raydistill.config import ConfigError
-from raydistill.config.loading import load_config
-from raydistill.config.trackers import check_usable, merged, parse_trackers
-from raydistill.distributed.driver import EngineError, distill
-from raydistill.distributed.watch import RunTrackers
-from raydistill.distributed.worker import GradientWorker
-from raydistill.io import console as console_module
-from raydistill.io.console import CondensingStream, condense, console
-from raydistill.io.progress import LOG_EVERY_ENV, LineProgress, progress_bar
-from raydistill.io.tensorboard import TENSORBOARD, RunBoard, step_scalars
+from raydistill.setup import load_config
+from raydistill.watch.trackers import check_usable, merged
+from raydistill.config.checks import parse_trackers
+from raydistill.engine.driver import EngineError, Hooks, distill
+from raydistill.watch.run import RunTrackers
+from raydistill.engine.worker import GradientWorker
+from raydistill.watch import console as console_module
+from raydistill.watch.console import CondensingStream, condense, console
+from raydistill.watch.progress import LOG_EVERY_ENV, LineProgress, progress_bar
+from raydistill.watch.tensorboard import TENSORBOARD, RunBoard, step_scalars
 
 TESTS = Path(__file__).parent
 TINY = ["steps=6", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
@@ -64,7 +65,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch):
     fake = Clock()
-    monkeypatch.setattr("raydistill.io.progress.time.monotonic", fake)
+    monkeypatch.setattr("raydistill.watch.progress.time.monotonic", fake)
     return fake
 
 
@@ -161,7 +162,7 @@ class AlwaysFails(GradientWorker):
 def test_a_run_that_keeps_failing_names_the_tasks_own_error_not_rays_wrapper(ray_session, tmp_path):
     cfg = load_config("quickstart", TINY + ["ray.max_consecutive_failures=1", "eval.every=0"])
     with pytest.raises(EngineError) as failure:
-        distill(cfg, tmp_path / "run", progress=False, evaluate=False, worker_cls=AlwaysFails)
+        distill(cfg, tmp_path / "run", progress=False, evaluate=False, hooks=Hooks(worker_cls=AlwaysFails))
     message = str(failure.value)
     assert message.startswith("2 consecutive failures, the last: ValueError: the data shard is unreadable; ")
     assert "\n" not in message and "\x1b" not in message and "ray::" not in message
@@ -228,7 +229,7 @@ def test_a_bad_tracker_entry_is_one_line_naming_it(raw, message):
 
 
 def test_a_tracker_that_cannot_log_here_is_refused_before_the_run(monkeypatch, tmp_path):
-    monkeypatch.setattr("raydistill.config.trackers.importlib.util.find_spec",
+    monkeypatch.setattr("raydistill.watch.trackers.importlib.util.find_spec",
                         lambda name: None if name == "mlflow" else object())
     with pytest.raises(ConfigError, match=r"mlflow needs the mlflow package; pip install 'raydistill\[mlflow\]'"):
         check_usable(parse_trackers(["mlflow"]))

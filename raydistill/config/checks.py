@@ -89,3 +89,40 @@ def in_range(value: float, low: float, high: float, name: str, high_open: bool =
     if not ok:
         bracket = ")" if high_open else "]"
         raise ConfigError(f"{name}: must be in [{low:g}, {high:g}{bracket}{why}, got {value}")
+
+
+# The `trackers:` entries of a run config or sweep file (raydistill.watch.trackers logs to them): name -> options.
+TRACKER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "tensorboard": (),
+    "mlflow": ("tracking_uri", "experiment_name", "tags", "save_artifact", "log_params_on_trial_end"),
+    "wandb": ("project", "group", "entity", "mode", "dir", "tags", "notes", "log_config", "excludes"),
+}
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def parse_trackers(raw: Any, key: str = "trackers") -> list[dict]:
+    """The checked `trackers:` list (of a config or sweep file) as plain mappings {name, **options}."""
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise ConfigError(f"{key}: expected a list, e.g. [tensorboard, {{name: wandb, mode: offline}}]")
+    out, seen = [], set()
+    for index, entry in enumerate(raw):
+        where = f"{key}[{index}]"
+        entry = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(entry, dict) or entry.get("name") not in TRACKER_OPTIONS:
+            raise ConfigError(f"{where}: expected one of {', '.join(TRACKER_OPTIONS)} (or a mapping with name: and its "
+                              f"options), got {entry!r}")
+        name = entry["name"]
+        options = TRACKER_OPTIONS[name]
+        unknown = sorted(set(entry) - {"name", *options})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: not an option of {name}; valid: "
+                              f"{', '.join(options) or 'none'}")
+        if name == "wandb" and entry.get("mode", "online") not in WANDB_MODES:
+            raise ConfigError(f"{where}.mode: expected one of {', '.join(WANDB_MODES)}, got {entry['mode']!r}")
+        if name in seen:
+            raise ConfigError(f"{where}: {name} is named twice; keep one entry")
+        seen.add(name)
+        out.append(dict(entry))
+    return out

@@ -1,13 +1,11 @@
-"""Building a config: presets by name or path, YAML, dotted `key=value` overrides, and plain dicts (Tune samples).
+"""Reading a config: presets by name or path, YAML, dotted `key=value` overrides, and building the typed object.
 
-`load_config` and `config_from_dict` validate once, at the edge, and raise ConfigError with a one-line message that
-names the field and the fix; the rest of the code trusts the object. `config_to_dict` is their inverse: the method's
-section is written back under the method's name, so a saved config.yaml loads again as it was.
+Everything here is plain data and the schema: which method a config names, and the method's own section class, come
+from the caller. The one place that builds a checked config with the registries is raydistill.setup.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 from importlib import resources
@@ -16,44 +14,41 @@ from typing import Any
 
 import yaml
 
-from raydistill.config.checks import build_section
+from raydistill.config.checks import build_section, parse_trackers
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import DistillConfig
-from raydistill.config.validate import validate
-from raydistill.methods.registry import get_method, method_names
 
 PRESETS = resources.files("raydistill.config") / "presets"
 
 
-def config_to_dict(cfg: Any) -> dict:
-    """Plain data of a config (or of one section); the method's section sits under the method's name."""
-    data = dataclasses.asdict(cfg)
-    if isinstance(cfg, DistillConfig):
-        section = data.pop("method_config")
-        data[get_method(cfg.method).name] = section
-    return data
+def build_config(raw: dict, section_name: str, section_cls: type, other_sections: Iterable[str] = ()) -> DistillConfig:
+    """The typed config of plain data whose method keeps its settings under `section_name` (as `section_cls`).
 
-
-def config_from_dict(raw: dict, check_paths: bool = True) -> DistillConfig:
-    """Build and validate a config from plain data (YAML, --set overrides, Tune samples)."""
+    `other_sections` are the other methods' names: their sections are errors here. Tracker names become their
+    mappings ({name, **options}); every other field is built as given. Nothing here checks values (validate does).
+    """
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping of fields, got {type(raw).__name__} {raw!r}")
     data = dict(raw)
-    name = data.get("method", "ratbptt")
-    if not isinstance(name, str):
-        raise ConfigError(f"method: expected a method name, got {name!r}; choose one of {', '.join(method_names())}")
-    method = get_method(name)
-    section = data.pop(method.name, None)
-    for other in method_names():
-        if other in data and other != method.name:
-            raise ConfigError(f"{other}: settings of method {other}, but method is {name}; drop the section "
-                              f"or set method={other}")
+    section = data.pop(section_name, None)
+    for other in other_sections:
+        if other in data and other != section_name:
+            raise ConfigError(f"{other}: settings of method {other}, but method is {data.get('method', 'ratbptt')}; "
+                              f"drop the section or set method={other}")
     if "method_config" in data:
-        raise ConfigError(f"method_config: unknown field; put the method's settings under {method.name}:")
+        raise ConfigError(f"method_config: unknown field; put the method's settings under {section_name}:")
     cfg = build_section(DistillConfig, data, "")
-    cfg.method_config = build_section(method.config_cls, section, f"{method.name}.")
-    validate(cfg, check_paths=check_paths)
+    cfg.method_config = build_section(section_cls, section, f"{section_name}.")
+    cfg.trackers = parse_trackers(cfg.trackers)
     return cfg
+
+
+def method_name(raw: Any) -> str:
+    """The method a config names (`ratbptt` when it names none)."""
+    name = raw.get("method", "ratbptt") if isinstance(raw, dict) else "ratbptt"
+    if not isinstance(name, str):
+        raise ConfigError(f"method: expected a method name, got {name!r}")
+    return name
 
 
 # ---------------------------------------------------------------------------------------------- presets and YAML
@@ -124,11 +119,3 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
-
-
-def load_config(preset: str | None = None, overrides: Iterable[str] = (), check_paths: bool = True) -> DistillConfig:
-    """A validated config from a preset name or YAML path plus `key=value` overrides."""
-    data: dict = {}
-    if preset is not None:
-        data, _ = read_preset(preset)
-    return config_from_dict(merge_overrides(data, overrides), check_paths=check_paths)

@@ -1,40 +1,34 @@
-"""Validation of a built config: everything that can be checked before any data is loaded, then against the data.
+"""Validation of a built config on its own: types were checked when it was built; here ranges and cross-field rules.
 
-The method's own section is checked by the method (raydistill.methods); everything else here.
+Pure: no registry, no file system, no device. The method's own section is checked by the method, and names that live
+in a registry (data set, model, method), the data root and the device by raydistill.setup.
 """
 
 from __future__ import annotations
 
-import torch
-
 from raydistill.config.checks import at_least, choice, in_range, positive
 from raydistill.config.errors import ConfigError
-from raydistill.config.trackers import parse_trackers
-from raydistill.config.schema import (AUGMENTATIONS, BASELINES, EVAL_RECIPES, INIT_MODES, META_OPTIMIZERS, NORMS,
-                                      RAY_MODES, DistillConfig)
-from raydistill.data.registry import DATASETS, Dataset, load_dataset, resolve_root
-from raydistill.methods.registry import get_method
-from raydistill.models.registry import MODELS, create_model
-from raydistill.runtime import resolve_device
+from raydistill.config.schema import (AUGMENTATIONS, BASELINES, CPU_KERNELS, EVAL_RECIPES, INIT_MODES,
+                                      META_OPTIMIZERS, NORMS, RAY_MODES, DistillConfig)
 
 
-def validate(cfg: DistillConfig, check_paths: bool = True) -> None:
-    """Check everything that can be checked without loading data; raise ConfigError on the first problem."""
+def validate(cfg: DistillConfig) -> None:
+    """Check every method-neutral field on its own and against the others; raise ConfigError on the first problem.
+
+    Never changes `cfg`. Names that live in a registry (data set, model, method) and the machine are
+    raydistill.setup's to check."""
     positive(cfg.ipc, "ipc")
     at_least(cfg.steps, 0, "steps")
     at_least(cfg.threads, 0, "threads")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: unknown value {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
-    cfg.trackers = parse_trackers(cfg.trackers)  # names become {name: ...} entries
-    _validate_data(cfg, check_paths)
+    _validate_data(cfg)
 
     m = cfg.model
-    choice(m.name, MODELS, "model.name")
     positive(m.width, "model.width")
     positive(m.depth, "model.depth")
     choice(m.norm, NORMS, "model.norm")
-
-    get_method(cfg.method).validate(cfg.method_config, cfg)
+    choice(m.cpu_kernels, CPU_KERNELS, "model.cpu_kernels")
 
     choice(cfg.meta.optimizer, META_OPTIMIZERS, "meta.optimizer")
     positive(cfg.meta.lr, "meta.lr")
@@ -67,17 +61,14 @@ def _validate_augment(cfg: DistillConfig) -> None:
     at_least(a.scale_ratio, 1, "augment.scale_ratio")
 
 
-def _validate_data(cfg: DistillConfig, check_paths: bool) -> None:
+def _validate_data(cfg: DistillConfig) -> None:
     d = cfg.data
-    choice(d.name, DATASETS, "data.name")
     at_least(d.val_size, 0, "data.val_size")
     positive(d.zca_reg, "data.zca_reg")
     positive(d.cache_gb, "data.cache_gb")
     positive(d.resample_every, "data.resample_every")
     if d.image_size is not None:
         positive(d.image_size, "data.image_size")
-    if check_paths:
-        resolve_root(d)
 
 
 def _validate_eval(cfg: DistillConfig) -> None:
@@ -89,8 +80,6 @@ def _validate_eval(cfg: DistillConfig) -> None:
     choice(e.recipe, EVAL_RECIPES, "eval.recipe")
     if not e.archs:
         raise ConfigError("eval.archs: empty; list at least one model, e.g. [convnet]")
-    for i, a in enumerate(e.archs):
-        choice(a, MODELS, f"eval.archs[{i}]")
     at_least(e.every, 0, "eval.every")
     positive(e.val_models, "eval.val_models")
     positive(e.val_steps, "eval.val_steps")
@@ -110,35 +99,3 @@ def _validate_ray(cfg: DistillConfig) -> None:
     positive(rc.placement_timeout_s, "ray.placement_timeout_s")
     positive(rc.max_consecutive_failures, "ray.max_consecutive_failures")
     positive(rc.write_retries, "ray.write_retries")
-
-
-def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, num_val: int) -> None:
-    """Checks that need the loaded data set's sizes."""
-    if cfg.eval.every and num_val == 0:
-        raise ConfigError("eval.every: validation needs a validation split; set data.val_size > 0 or eval.every=0")
-    get_method(cfg.method).validate_against_data(cfg.method_config, cfg, num_train, num_classes)
-
-
-def load_checked(cfg: DistillConfig) -> Dataset:
-    """The run's data set, with every check that needs it or this machine done: problems that would otherwise
-    surface late (a batch larger than the data, a GPU that is not there, a network that cannot take the images)
-    stop the run before it starts."""
-    resolve_device(cfg.device)  # the driver evaluates on cfg.device: a missing GPU fails now, not after distilling
-    dataset = load_dataset(cfg.data)
-    validate_against_data(cfg, dataset.num_train, dataset.num_classes, len(dataset.val_y))
-    check_archs(cfg, dataset.image_shape, dataset.num_classes)
-    return dataset
-
-
-def check_archs(cfg: DistillConfig, image_shape: tuple[int, ...], num_classes: int) -> None:
-    """Every network the run builds (model.name, eval.archs) takes the data set's images: one forward on a blank one."""
-    c, h, _ = image_shape
-    m = cfg.model
-    for field, arch in [("model.name", m.name), *((f"eval.archs[{i}]", a) for i, a in enumerate(cfg.eval.archs))]:
-        try:
-            with torch.no_grad():
-                create_model(arch, c, num_classes, h, width=m.width, depth=m.depth, norm=m.norm).eval()(
-                    torch.zeros(1, *image_shape))
-        except (RuntimeError, ValueError) as exc:
-            raise ConfigError(f"{field}: {arch} cannot take {'x'.join(map(str, image_shape))} images "
-                              f"({str(exc).splitlines()[0][:120]}); pick another model or data.image_size") from None

@@ -33,6 +33,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from raydistill.filesystems import open_root
 from raydistill.config import ConfigError, DataConfig
 from raydistill.data.registry import DataError, RawData, register_dataset
 
@@ -42,17 +43,6 @@ FORMAT_VERSION = 1
 SPLITS = ("train", "test")
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("key", pa.string())])
 _STATS_ROWS = 1 << 14  # rows per block when summing squares (keeps the uint16 temporary small)
-
-
-def open_root(root: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) for a local path or a URI such as file:///data/x or s3://bucket/x."""
-    if "://" in root:
-        try:
-            return pafs.FileSystem.from_uri(root)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
-            raise ConfigError(f"{root}: not a location pyarrow can open ({exc}); give a local path or a URI "
-                              "such as file:///data/set or s3://bucket/set") from None
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
 def digest(data: bytes) -> str:

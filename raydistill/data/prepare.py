@@ -1,202 +1,256 @@
-"""What `raydistill prepare` needs besides Ray: class lists, the source's files, decoding, the manifest.
+"""`raydistill prepare`: decode, resize and shard a data set once, on Ray Data (format: raydistill.data.parquet).
 
-The Ray Data pipeline that runs these functions in parallel is raydistill.distributed.prepare; the format it writes
-is described in raydistill.data.parquet.
-
-Images from an image folder are decoded with PIL, converted to RGB (greyscale files too: a folder always gives 3
-channels), cut to their centred square (side min(W, H)) and resized to N x N with PIL's bilinear filter, which
-antialiases when it shrinks. A built-in set keeps its channels (Fashion-MNIST stays 1-channel) and is resized the
-same way only when --image-size differs from its size.
+An image folder is read with ray.data.read_binary_files, decoded and resized in map_batches (a file PIL cannot
+decode is skipped, named in one warning and listed in the manifest) and written with write_parquet; a built-in set
+goes through the same map_batches and write from its arrays. A second Ray Data pass reads the written shards back,
+hashes them and sums their pixels and classes for the manifest, which is written last. A local destination is
+written into a hidden sibling folder that is renamed into place at the end, so DEST is either complete or absent;
+for a remote one (s3://, gs://, ...) the manifest is the commit: the loader refuses a set without it.
 """
 
 from __future__ import annotations
 
-import io
-import re
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
-from PIL import Image, UnidentifiedImageError
+import ray
+import ray.data
+from ray.data import SaveMode
+from ray.data.datasource import FilenameProvider
 
-from raydistill.config import ConfigError
-from raydistill.data.parquet import SCHEMA, open_root
+import raydistill
+from raydistill.config import ConfigError, DataConfig
+from raydistill.data.parquet import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, channel_stats, digest, read_shard
+from raydistill.data.sources import (RESIZE, FolderSource, array_rows, check_destination, decode_batch, list_folder,
+                                     select_classes, shard_rows)
+from raydistill.data.registry import DATASETS, resolve_root
+from raydistill.runtime import connect
 
-SUBSETS_DIR = Path(__file__).resolve().parent / "subsets"
-WNID = re.compile(r"n\d{8}")
-RESIZE = "centre square crop, then PIL bilinear resize to N x N"
-
-
-def subset_names() -> list[str]:
-    """The shipped class lists (raydistill/data/subsets/NAME.txt)."""
-    return sorted(p.stem for p in SUBSETS_DIR.glob("*.txt"))
-
-
-def read_class_list(path: Path) -> list[str]:
-    """One class folder name per line; '#' starts a comment; blank lines are ignored."""
-    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    return [n for n in names if n]
+_BATCH = 64  # images per map_batches call
+_SINK_LOGGER = "ray.data.datasource.file_datasink"
 
 
-def select_classes(spec: str | None, available: list[str]) -> list[str]:
-    """The classes to keep, in label order: all (spec None), the first N, or a list file / shipped subset's order."""
-    if spec is None:
-        return list(available)
-    if spec.strip().isdigit():
-        n = int(spec)
-        if not 1 <= n <= len(available):
-            raise ConfigError(f"--classes: {n} is not between 1 and the {len(available)} classes the source has")
-        return list(available[:n])
-    path = Path(spec).expanduser()
-    if path.is_file():
-        wanted, where = read_class_list(path), str(path)
-    elif spec in subset_names():
-        wanted, where = read_class_list(SUBSETS_DIR / f"{spec}.txt"), f"subset {spec}"
-    else:
-        raise ConfigError(f"--classes: {spec!r} is neither a number, a file nor a shipped subset "
-                          f"({', '.join(subset_names())})")
-    if not wanted:
-        raise ConfigError(f"--classes: {where} names no classes; put one class folder name per line")
-    dup = next((c for i, c in enumerate(wanted) if c in wanted[:i]), None)
-    if dup is not None:
-        raise ConfigError(f"--classes: {where} names {dup} twice; list each class once")
-    known = set(available)
-    missing = [c for c in wanted if c not in known]
-    if missing:
-        raise ConfigError(f"--classes: {where} names {len(missing)} classes the source does not have "
-                          f"(first: {missing[0]}); check the list or the source")
-    return wanted
+@ray.remote(num_cpus=0)
+class _SkipLog:
+    """Collects the files the decoders skipped (keyed, so a retried task does not count a file twice)."""
+
+    def __init__(self):
+        self.skipped: dict[str, str] = {}
+
+    def add(self, items: list[tuple[str, str]]) -> None:
+        self.skipped.update(items)
+
+    def items(self) -> dict[str, str]:
+        return self.skipped
 
 
-# ---------------------------------------------------------------------------------------------- image folders
+class _ShardNames(FilenameProvider):
+    """part-TTTTT.parquet per write task (Ray Data adds -K when a task writes several shards)."""
 
-
-def image_extensions() -> frozenset[str]:
-    """Every file extension PIL can open (lower case, with the dot)."""
-    Image.init()
-    return frozenset(ext.lower() for ext in Image.registered_extensions())
+    def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+        return f"part-{task_index:05d}.parquet"
 
 
 @dataclass
-class FolderSplit:
-    folder: Path  # e.g. SOURCE/val
-    files: list[str] = field(default_factory=list)  # absolute paths, by class folder then file name
+class _Plan:
+    """What one prepare run writes: the source's description, its classes, the image shape and a Dataset per split."""
 
-
-@dataclass
-class FolderSource:
-    root: Path
+    source: dict
     classes: list[str]
-    splits: dict[str, FolderSplit]  # "train" and "test"
+    shape: tuple[int, int, int]
+    resize: str | None
+    splits: dict[str, tuple[str, ray.data.Dataset]] = field(default_factory=dict)  # split -> (source split, rows)
+    log: object = None
 
 
-def list_folder(root: Path, classes_spec: str | None) -> FolderSource:
-    """SOURCE/train/<class>/* and SOURCE/val/<class>/* (or test/): the selected classes' image files."""
-    train = root / "train"
-    test = next((root / s for s in ("val", "test") if (root / s).is_dir()), None)
-    if not train.is_dir() or test is None:
-        raise ConfigError(f"SOURCE: {root} needs train/<class>/ and val/<class>/ (or test/<class>/) folders of "
-                          "images (the ImageNet layout)")
-    available = sorted(p.name for p in train.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not available:
-        raise ConfigError(f"SOURCE: {train} has no class folders; put each class's images in train/<class>/")
-    classes = select_classes(classes_spec, available)
-    extensions = image_extensions()
-    splits = {}
-    for split, folder in (("train", train), ("test", test)):
-        entry = FolderSplit(folder)
-        for name in sorted(classes):  # sorted keys; labels follow `classes`
-            sub = folder / name
-            found = sorted(f for f in sub.iterdir() if f.is_file() and f.suffix.lower() in extensions
-                           and not f.name.startswith(".")) if sub.is_dir() else []
-            if not found and split == "train":
-                raise ConfigError(f"SOURCE: {sub} holds no images; add images or leave the class out with --classes")
-            entry.files += [str(f) for f in found]
-        splits[split] = entry
-    return FolderSource(root, classes, splits)
-
-
-def fit_square(img: Image.Image, size: int | None) -> Image.Image:
-    """The centred square of side min(W, H), resized to size x size (bilinear); unchanged when size is None."""
+def _folder_plan(root: Path, size: int | None, classes_spec: str | None) -> _Plan:
     if size is None:
-        return img
-    w, h = img.size
-    side = min(w, h)
-    left, top = (w - side) // 2, (h - side) // 2
-    return img.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        raise ConfigError("--image-size: an image folder's images differ in size; give the square size to store, "
+                          "e.g. --image-size 64")
+    root = root.resolve()
+    listing: FolderSource = list_folder(root, classes_spec)
+    index = {name: i for i, name in enumerate(listing.classes)}
+    log = _SkipLog.remote()
+    plan = _Plan({"kind": "imagefolder", "path": str(root)}, listing.classes, (3, size, size), RESIZE,
+                 log=log)
+    for split, entry in listing.splits.items():
+        folder = str(entry.folder)
 
+        def decode(batch: dict, folder=folder) -> pa.Table:
+            table, failed = decode_batch(list(batch["bytes"]), list(batch["path"]), folder, index, size)
+            if failed:  # keys relative to SOURCE, e.g. train/n01440764/x.JPEG
+                ray.get(log.add.remote([(f"{os.path.basename(folder)}/{key}", error) for key, error in failed]))
+            return table
 
-def decode_image(data: bytes, size: int) -> np.ndarray:
-    """Encoded image bytes -> uint8 (3, size, size) RGB; raises on anything PIL cannot fully decode."""
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()  # decode everything now: a truncated file fails here, not later
-        rgb = fit_square(img.convert("RGB"), size)
-        return np.asarray(rgb).transpose(2, 0, 1)
-
-
-def decode_batch(data: list[bytes], paths: list[str], folder: str, index: dict[str, int],
-                 size: int) -> tuple[pa.Table, list[tuple[str, str]]]:
-    """Decode one batch of files from `folder`: (the shard rows, [(key, error)] for files that failed)."""
-    images, labels, keys, failed = [], [], [], []
-    prefix = folder.rstrip("/") + "/"
-    for blob, path in zip(data, paths):
-        key = path[len(prefix):] if path.startswith(prefix) else path
-        try:
-            pixels = decode_image(blob, size)
-        except UnidentifiedImageError:
-            failed.append((key, "UnidentifiedImageError: not in a format PIL reads"))
+        if not entry.files:
             continue
-        except Exception as exc:  # noqa: BLE001  (PIL raises many types for broken files; each means "skip it")
-            failed.append((key, f"{type(exc).__name__}: {exc}".splitlines()[0][:200]))
-            continue
-        images.append(pixels.tobytes())
-        labels.append(index[key.split("/", 1)[0]])
-        keys.append(key)
-    return rows(images, labels, keys), failed
+        ds = ray.data.read_binary_files(entry.files, include_paths=True)
+        plan.splits[split] = (entry.folder.name, ds.map_batches(decode, batch_size=_BATCH, batch_format="numpy"))
+    return plan
 
 
-def rows(images: list[bytes], labels: list[int], keys: list[str]) -> pa.Table:
-    return pa.table([pa.array(images, pa.binary()), pa.array(labels, pa.int64()), pa.array(keys, pa.string())],
-                    schema=SCHEMA)
+def _dataset_plan(name: str, root: str | None, size: int | None, classes_spec: str | None) -> _Plan:
+    cfg = DataConfig(name=name, root=root)
+    raw = DATASETS[name](resolve_root(cfg), cfg)
+    classes = select_classes(classes_spec, list(raw.class_names))
+    remap = np.full(len(raw.class_names), -1, np.int64)
+    remap[[raw.class_names.index(c) for c in classes]] = np.arange(len(classes))
+    c, h, w = raw.train_x.shape[1:]
+    if size is None and h != w:
+        raise ConfigError(f"--image-size: {name} images are {w}x{h}; give a square size, e.g. --image-size {min(h, w)}")
+    shape = (c, size or h, size or w)
+    plan = _Plan({"kind": "dataset", "name": name, "root": str(resolve_root(cfg))}, classes, shape,
+                 RESIZE if size not in (None, h) else None)
+    for split, x, y in (("train", raw.train_x, raw.train_y), ("test", raw.test_x, raw.test_y)):
+        keep = remap[y.numpy()] >= 0
+        positions = np.flatnonzero(keep)
+        width = len(str(max(len(y) - 1, 0)))
+        starts = [{"start": int(s)} for s in range(0, len(positions), _BATCH * 16)]
+        ds = ray.data.from_items(starts, override_num_blocks=max(len(starts), 1))
+        images, labels = x.numpy()[keep], remap[y.numpy()[keep]]
+        images_ref, labels_ref, positions_ref = ray.put(images), ray.put(labels), ray.put(positions)
+
+        def convert(batch: dict, images_ref=images_ref, labels_ref=labels_ref, positions_ref=positions_ref,
+                    width=width) -> pa.Table:
+            images, labels, positions = ray.get([images_ref, labels_ref, positions_ref])
+            parts = []
+            for start in batch["start"].tolist():
+                stop = min(start + _BATCH * 16, len(positions))
+                parts.append(array_rows(images[start:stop], labels[start:stop], positions[start:stop],
+                                        size if size != h else None, width))
+            return pa.concat_tables(parts)
+
+        plan.splits[split] = (split, ds.map_batches(convert, batch_size=1, batch_format="numpy"))
+    return plan
 
 
-# ---------------------------------------------------------------------------------------------- built-in sets
+def _write(plan: _Plan, fs: pafs.FileSystem, out: str, shard_mb: float) -> dict:
+    """Write every split's shards under `out`; then read them back (Ray Data) for checksums, counts and sums."""
+    rows = shard_rows(plan.shape, shard_mb)
+    manifest_splits = {}
+    sums = np.zeros(plan.shape[0], np.int64)
+    sumsq = np.zeros(plan.shape[0], np.int64)
+    for split in SPLITS:
+        directory = f"{out}/{split}"
+        fs.create_dir(directory, recursive=True)
+        source_split, ds = plan.splits.get(split, (split, None))
+        if ds is not None:
+            ds.write_parquet(directory, filesystem=fs, min_rows_per_file=rows, max_rows_per_file=rows,
+                             filename_provider=_ShardNames(), mode=SaveMode.OVERWRITE)  # a folder made just now
+        files = sorted(i.path for i in fs.get_file_info(pafs.FileSelector(directory)) if i.path.endswith(".parquet"))
+        summaries = _summarise(files, fs, plan.shape, len(plan.classes))
+        per_class = np.zeros(len(plan.classes), np.int64)
+        shards = []
+        for path in files:
+            s = summaries[os.path.basename(path)]
+            per_class += s["per_class"]
+            shards.append({"file": f"{split}/{os.path.basename(path)}", "rows": s["rows"], "bytes": s["bytes"],
+                           "sha256": s["sha256"]})
+            if split == "train":
+                sums += s["sums"]
+                sumsq += s["sumsq"]
+        manifest_splits[split] = {"source": source_split, "count": int(per_class.sum()),
+                                  "per_class": dict(zip(plan.classes, per_class.tolist())), "shards": shards}
+    pixels = manifest_splits["train"]["count"] * plan.shape[1] * plan.shape[2]
+    mean, std = channel_stats(sums, sumsq, pixels)
+    return {"splits": manifest_splits, "mean": mean, "std": std}
 
 
-def resize_images(images: np.ndarray, size: int | None) -> np.ndarray:
-    """uint8 (n, C, H, W) -> (n, C, size, size), each image through fit_square (channel by channel)."""
-    if size is None or images.shape[2:] == (size, size):
-        return images
-    out = np.empty((images.shape[0], images.shape[1], size, size), np.uint8)
-    for i, image in enumerate(images):
-        for c, plane in enumerate(image):
-            out[i, c] = np.asarray(fit_square(Image.fromarray(plane, mode="L"), size))
-    return out
+def _summarise(files: list[str], fs: pafs.FileSystem, shape: tuple, num_classes: int) -> dict[str, dict]:
+    """Per shard: bytes, SHA-256, rows, rows per class and pixel sums, computed in parallel on Ray Data."""
+    if not files:
+        return {}
+
+    def summarise(batch: dict) -> dict:
+        out = {k: [] for k in ("path", "bytes", "sha256", "rows", "per_class", "sums", "sumsq")}
+        for data, path in zip(batch["bytes"], batch["path"]):
+            shard = read_shard(data, shape, num_classes)
+            for key, value in (("path", path), ("bytes", len(data)), ("sha256", digest(data)),
+                               ("rows", len(shard.labels)), ("per_class", shard.per_class), ("sums", shard.sums),
+                               ("sumsq", shard.sumsq)):
+                out[key].append(value)
+        return {k: np.array(v) if k not in ("path", "sha256") else np.array(v, dtype=object) for k, v in out.items()}
+
+    ds = ray.data.read_binary_files(files, filesystem=fs, include_paths=True)
+    result = {}
+    for row in ds.map_batches(summarise, batch_size=1, batch_format="numpy").iter_rows():
+        result[os.path.basename(row["path"])] = {
+            "bytes": int(row["bytes"]), "sha256": str(row["sha256"]), "rows": int(row["rows"]),
+            **{k: np.asarray(row[k], np.int64) for k in ("per_class", "sums", "sumsq")},
+        }
+    return result
 
 
-def array_rows(images: np.ndarray, labels: np.ndarray, positions: np.ndarray, size: int | None, width: int) -> pa.Table:
-    """Rows of a built-in set's arrays; keys are the positions in the source split, zero-padded to `width` digits."""
-    resized = np.ascontiguousarray(resize_images(images, size))
-    return rows([img.tobytes() for img in resized], labels.tolist(), [f"{p:0{width}d}" for p in positions.tolist()])
+def prepare(source: str, dest: str, image_size: int | None = None, classes: str | None = None,
+            shard_mb: float = 256.0, root: str | None = None, address: str | None = None,
+            progress: bool = True) -> dict:
+    """Prepare SOURCE (an image folder or a built-in data set name) into DEST; returns the manifest."""
+    if not shard_mb > 0:
+        raise ConfigError(f"--shard-mb: must be > 0, got {shard_mb:g}")
+    if image_size is not None and image_size <= 0:
+        raise ConfigError(f"--image-size: must be > 0, got {image_size}")
+    fs, path = check_destination(dest)
+    started = connect(address)
+    ctx = ray.data.DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    ctx.enable_progress_bars = progress
+    data_logger, sink_logger = logging.getLogger("ray.data"), logging.getLogger(_SINK_LOGGER)
+    levels = data_logger.level, sink_logger.level
+    sink_logger.setLevel(logging.ERROR)  # its "replacing contents" notice is about the empty folder made just now
+    if not progress:
+        data_logger.setLevel(logging.ERROR)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    out = f"{os.path.dirname(path)}/.{os.path.basename(path)}.prepare-{uuid.uuid4().hex[:8]}" if local else path
+    t0 = time.monotonic()
+    try:
+        fs.create_dir(os.path.dirname(path), recursive=True)
+        plan = _plan(source, root, image_size, classes)
+        written = _write(plan, fs, out, shard_mb)
+        skipped = ray.get(plan.log.items.remote()) if plan.log is not None else {}
+        for key, error in sorted(skipped.items()):
+            print(f"raydistill: warning: skipped {key}: cannot be read as an image ({error})", file=sys.stderr)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "raydistill_version": raydistill.__version__,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "source": plan.source,
+            "image_shape": list(plan.shape), "layout": "CHW", "dtype": "uint8", "resize": plan.resize,
+            "classes": plan.classes, "mean": written["mean"], "std": written["std"], "splits": written["splits"],
+            "skipped": {"count": len(skipped), "files": [{"file": k, "error": v} for k, v in sorted(skipped.items())]},
+            "seconds": round(time.monotonic() - t0, 3),
+        }
+        with fs.open_output_stream(f"{out}/{MANIFEST}") as stream:  # last: the set is complete once it exists
+            stream.write(json.dumps(manifest, indent=1).encode())
+        if local:
+            fs.move(out, path)
+        return manifest
+    except BaseException:
+        if local:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        ctx.enable_progress_bars = bars
+        data_logger.setLevel(levels[0])
+        sink_logger.setLevel(levels[1])
+        if started:
+            ray.shutdown()
 
 
-# ---------------------------------------------------------------------------------------------- the destination
-
-
-def check_destination(dest: str) -> tuple[pafs.FileSystem, str]:
-    """(filesystem, path) of DEST; ConfigError when it exists and is not an empty folder."""
-    fs, path = open_root(dest)
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.File:
-        raise ConfigError(f"--out: {dest} is a file; choose a new folder for the prepared set")
-    if info.type == pafs.FileType.Directory and fs.get_file_info(pafs.FileSelector(path)):
-        raise ConfigError(f"--out: {dest} already exists and is not empty; choose a new folder (a prepared set is "
-                          "never written over)")
-    return fs, path
-
-
-def shard_rows(shape: tuple[int, int, int], shard_mb: float) -> int:
-    """Rows per shard: about shard_mb MiB of pixels (the file is smaller: Parquet compresses)."""
-    return max(1, int(shard_mb * 2**20) // int(np.prod(shape)))
+def _plan(source: str, root: str | None, size: int | None, classes: str | None) -> _Plan:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if root is not None:
+            raise ConfigError("--root: only for a built-in data set name; SOURCE is already a folder")
+        return _folder_plan(path, size, classes)
+    builtin = sorted(n for n in DATASETS if n not in ("imagefolder", "parquet"))
+    if source not in builtin:
+        raise ConfigError(f"SOURCE: {source!r} is neither a folder nor a built-in data set ({', '.join(builtin)})")
+    return _dataset_plan(source, root, size, classes)

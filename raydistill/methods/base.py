@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config.schema import DistillConfig
+from raydistill.models.registry import network_from_seed
 
 IMAGES, SOFT_LABELS = "images", "soft_labels"  # the learnables every method has (labels only when learned)
 
@@ -58,10 +59,7 @@ ModelFactory = Callable[[], nn.Module]  # a worker's "model_factory" resource: a
 def seeded_network(model_factory: ModelFactory, rng: torch.Generator, like: Tensor) -> nn.Module:
     """A fresh random init seeded from `rng` (the global RNG is left alone), in train mode, on `like`'s device and
     dtype: how a task draws its network, so a retried task draws the same one."""
-    seed = int(torch.randint(0, 2**62, (1,), generator=rng))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = model_factory()
+    model = network_from_seed(model_factory, int(torch.randint(0, 2**62, (1,), generator=rng)))
     return model.to(device=like.device, dtype=like.dtype).train()
 
 

@@ -28,6 +28,7 @@ from raydistill.config.checks import positive
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import AugmentConfig, DistillConfig
 from raydistill.data.augment import AugParams, apply_params, augment, siamese_params
+from raydistill.data.selection import class_index
 from raydistill.methods.base import ModelFactory
 
 # DC's outer_loop / inner_loop by images per class (Zhao, Mopuri & Bilen, ICLR 2021; the official repo's get_loops).
@@ -97,11 +98,6 @@ def make_context(cfg: DistillConfig, resources: dict[str, Any]) -> MatchingConte
     x, y = resources["train_x"], resources["train_y"]
     num_classes = resources["dataset_info"][0]
     return MatchingContext(cfg, x, y, class_index(y, num_classes), resources["model_factory"])
-
-
-def class_index(labels: Tensor, num_classes: int) -> list[Tensor]:
-    """Indices of each class's examples, on `labels`' device."""
-    return [torch.nonzero(labels == c).flatten() for c in range(num_classes)]
 
 
 def real_batch(ctx: MatchingContext, c: int, n: int, rng: torch.Generator, like: Tensor) -> Tensor:

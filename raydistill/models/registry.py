@@ -26,9 +26,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
-from raydistill.config import ConfigError
+from raydistill.config import ConfigError, ModelConfig
 from raydistill.config.schema import NORMS
 
 __all__ = ["MODELS", "register_model", "create_model", "make_norm"]
@@ -80,3 +81,16 @@ def make_norm(norm: str, channels: int) -> nn.Module:
     if norm == "none":
         return nn.Identity()
     raise ConfigError(f"model.norm: unknown value {norm!r}; choose one of {', '.join(NORMS)}")
+
+
+def build_network(arch: str, model: ModelConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A fresh `arch` for (C, H, W) images, shaped by the `model` section (initialised from the global RNG)."""
+    c, h = image_shape[0], image_shape[1]
+    return create_model(arch, c, num_classes, h, width=model.width, depth=model.depth, norm=model.norm)
+
+
+def network_from_seed(make: Callable[[], nn.Module], seed: int) -> nn.Module:
+    """`make()` initialised from `seed` alone, under a forked RNG: the caller's global RNG is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from raydistill.config import DistillConfig
 from raydistill.data.registry import Dataset
-from raydistill.eval.baselines import random_real_subset
+from raydistill.data.selection import random_real_subset
 from raydistill.methods.base import IMAGES, SOFT_LABELS, Method
 
 

@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raydistill.config.loading import config_to_dict
-from raydistill.io.atomic import atomic_write_bytes, atomic_write_text
-from raydistill.io.store import RunPath, location
+from raydistill.setup import config_to_dict
+from raydistill.storage.atomic import atomic_write_bytes, atomic_write_text
+from raydistill.storage.store import RunPath, location
 from raydistill.tune.sweep import REJECTED, RUNG_METRIC, TIME_ATTR, TOTAL_ATTR, Sweep, trial_config
 
 STATUS_ORDER = {"done": 0, "stopped": 1, "error": 2, "rejected": 3}

@@ -17,10 +17,12 @@ from typing import Any
 import yaml
 
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.config.loading import config_from_dict, read_preset, set_dotted
-from raydistill.config.trackers import check_usable, parse_trackers
-from raydistill.io.store import check_scheme
-from raydistill.synset.boost import cumulative_budgets, schedule
+from raydistill.setup import config_from_dict
+from raydistill.config.loading import read_preset, set_dotted
+from raydistill.watch.trackers import check_usable
+from raydistill.config.checks import parse_trackers
+from raydistill.storage.store import check_scheme
+from raydistill.synset.blocks import cumulative_budgets, schedule
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 BOOST_KNOBS = ("block", "blocks", "beta", "steps_per_block")

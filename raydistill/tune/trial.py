@@ -22,18 +22,19 @@ import numpy as np
 import ray
 from ray import tune
 
+from raydistill.compat import RAY_TRAIN_STORAGE_LOGGERS
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.config.loading import config_to_dict
-from raydistill.config.validate import load_checked
-from raydistill.distributed.boost import boost
-from raydistill.distributed.cluster import TrialPlacement, worker_bundle
-from raydistill.distributed.driver import distill
-from raydistill.distributed.validator import validate_snapshot
-from raydistill.distributed.worker import GradientWorker
-from raydistill.io.artifact import read_distilled
-from raydistill.io.checkpoint import checkpoint_step, list_checkpoints
-from raydistill.io.run_dir import ARTIFACT, CHECKPOINTS, stage_dir
-from raydistill.synset.boost import total_ipc
+from raydistill.setup import config_to_dict
+from raydistill.setup import load_checked
+from raydistill.engine.boost import boost
+from raydistill.engine.cluster import TrialPlacement, worker_bundle
+from raydistill.engine.driver import Hooks, distill
+from raydistill.engine.worker import validate_snapshot
+from raydistill.engine.worker import GradientWorker
+from raydistill.storage.artifact import read_distilled
+from raydistill.storage.checkpoint import checkpoint_step, list_checkpoints
+from raydistill.storage.run_dir import ARTIFACT, CHECKPOINTS, stage_dir
+from raydistill.synset.blocks import total_ipc
 from raydistill.tune.sweep import REJECTED, RUNG_METRIC, TIME_ATTR, TOTAL_ATTR, Sweep, total_steps, trial_config
 
 RUN = "run"  # the trial's run directory, inside the trial's working directory
@@ -150,7 +151,7 @@ def budget_accuracies(run: Path, cfg: DistillConfig, budgets: list[int], placeme
     return accs
 
 
-QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage")
+QUIET_LOGGERS = RAY_TRAIN_STORAGE_LOGGERS  # Ray Train's storage modules (raydistill.compat)
 
 
 def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None:
@@ -174,8 +175,8 @@ def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None
                                workers=cfg.ray.workers)
     total = total_steps(cfg)
     reporter = Reporter(run, total, steps_done(run, cfg) if resume else 0)
-    engine = {"worker_cls": worker_cls or GradientWorker, "placement": placement,
-              "on_validation": reporter.validated}
+    engine = {"hooks": Hooks(worker_cls=worker_cls or GradientWorker, placement=placement,
+                             on_validation=reporter.validated)}
     began = time.perf_counter()
     if cfg.boost.stages:
         boost(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)

@@ -29,7 +29,7 @@ from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam, InnerState, adam_with_corrections
-from raydistill.methods.ratbptt.meta_gradient import MetaGradient, Unroll, as_leaves
+from raydistill.methods.ratbptt.meta_gradient import MetaGradient, RealBatch, SynSet, Unroll, as_leaves
 from raydistill.models.losses import soft_cross_entropy
 
 
@@ -78,7 +78,7 @@ class Stack:
         out, ms, vs = [], [], []
         for p, g, m, v in zip(params, grads, *buffers):
             per_net = (len(members),) + (1,) * (p.dim() - 1)  # broadcasts over one network's parameter
-            p, m, v = adam_with_corrections(p, g, m, v, step_size.view(per_net), correction2.view(per_net),
+            p, m, v = adam_with_corrections(p, g, (m, v), step_size.view(per_net), correction2.view(per_net),
                                             self.opt.betas, self.opt.eps)
             out.append(p), ms.append(m), vs.append(v)
         return out, [ms, vs]
@@ -112,20 +112,17 @@ class Stack:
         for _ in range(self.unrolls[0].window):
             self.params, self.state.buffers = self.step(self.params, self.state.buffers, everyone, images, targets)
 
-    def meta_loss(self, real_x: Tensor, real_y: Tensor) -> Tensor:
+    def meta_loss(self, real: RealBatch) -> Tensor:
         """The mean over the networks of each one's meta-loss on its own real batch."""
-        batches = [u.real_batch(real_x, real_y) for u in self.unrolls]
+        batches = [u.real_batch(real) for u in self.unrolls]
         x = torch.stack([b[0] for b in batches])
         y = torch.stack([b[1] for b in batches])
         return vmap(self.real_loss)(dict(zip(self.names, self.params)), x, y).mean()
 
 
 def batched_meta_gradient(
-    images: Tensor,
-    hard_labels: Tensor,
-    soft_labels: Tensor | None,
-    real_x: Tensor,
-    real_y: Tensor,
+    syn: SynSet,
+    real: RealBatch,
     model_factory: ModelFactory,
     cfg: RatBpttConfig,
     aug: AugmentConfig,
@@ -134,18 +131,16 @@ def batched_meta_gradient(
     """The mean of `cfg.samples_per_task` RaT-BPTT samples (seeds `sample_seed(seed, k)`); `start` is the samples'
     mean window start, and `starts` (in `MetaGradient.starts`) each one."""
     began = time.perf_counter()
-    images, soft_labels, leaves = as_leaves(images, soft_labels)
-    unrolls = [Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, sample_seed(seed, k))
-               for k in range(cfg.samples_per_task)]
+    syn, leaves = as_leaves(syn)
+    unrolls = [Unroll(syn, model_factory, cfg, aug, sample_seed(seed, k)) for k in range(cfg.samples_per_task)]
     if len({u.window for u in unrolls}) != 1:
         raise ValueError("samples_per_task needs windows of one length (not window_mode random_length)")
     stack = Stack(unrolls)
-    targets = hard_labels if soft_labels is None else soft_labels
-    stack.prefix(images, targets)
-    stack.window(images, targets)
-    loss = stack.meta_loss(real_x, real_y)
+    stack.prefix(syn.images, syn.targets)
+    stack.window(syn.images, syn.targets)
+    loss = stack.meta_loss(real)
     grads = torch.autograd.grad(loss, leaves)
     starts = [u.start for u in unrolls]
-    return MetaGradient(images=grads[0], labels=grads[1] if soft_labels is not None else None,
+    return MetaGradient(images=grads[0], labels=grads[1] if syn.soft_labels is not None else None,
                         meta_loss=float(loss.detach()), start=round(sum(starts) / len(starts)),
                         window=unrolls[0].window, seconds=time.perf_counter() - began, starts=starts)

@@ -50,17 +50,16 @@ def checkpointed_window_gradient(
     meta_loss: Callable[[list[Tensor]], Tensor],
     params: list[Tensor],
     state: InnerState,
-    window: int,
-    segments: int,
+    lengths: list[int],
     leaves: list[Tensor],
     rng: torch.Generator,
 ) -> tuple[Tensor, list[Tensor]]:
-    """(meta-loss, its gradient with respect to `leaves`) for `window` steps from (params, state).
+    """(meta-loss, its gradient with respect to `leaves`) for a window of sum(lengths) steps from (params, state),
+    recomputed segment by segment (`lengths`: each segment's steps, as `segment_lengths` splits the window).
 
     (params, state) is the window start, held constant as in the plain path: no gradient reaches the prefix.
     `rng` is left where the plain path leaves it: after the window's draws and the meta-loss's.
     """
-    lengths = segment_lengths(window, segments)
     saved = []  # per segment: its start (params, state) and the generator's state there
     for n in lengths:
         saved.append(([p.detach() for p in params], state.detached(), rng.get_state()))

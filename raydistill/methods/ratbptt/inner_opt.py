@@ -26,18 +26,21 @@ def safe_sqrt(v: Tensor) -> Tensor:
 
 
 def adam_update(
-    p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float | Tensor, betas=(0.9, 0.999), eps: float = 1e-8
+    p: Tensor, g: Tensor, moments: tuple[Tensor, Tensor], t: int, lr: float | Tensor, betas=(0.9, 0.999),
+    eps: float = 1e-8
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """One Adam step, written as torch.optim.Adam computes it (same operation order, same bias corrections)."""
+    """One Adam step, written as torch.optim.Adam computes it (same operation order, same bias corrections);
+    `moments` is (m, v); returns the new (p, m, v)."""
     b1, b2 = betas
-    return adam_with_corrections(p, g, m, v, lr / (1 - b1**t), math.sqrt(1 - b2**t), betas, eps)
+    return adam_with_corrections(p, g, moments, lr / (1 - b1**t), math.sqrt(1 - b2**t), betas, eps)
 
 
-def adam_with_corrections(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step_size: float | Tensor,
+def adam_with_corrections(p: Tensor, g: Tensor, moments: tuple[Tensor, Tensor], step_size: float | Tensor,
                           bias_correction2_sqrt: float | Tensor, betas=(0.9, 0.999), eps: float = 1e-8
                           ) -> tuple[Tensor, Tensor, Tensor]:
     """Adam's update given its bias corrections (lr / (1 - b1^t) and sqrt(1 - b2^t)): scalars, or tensors that
     broadcast against p when stacked networks are at different steps (several samples per task)."""
+    m, v = moments
     b1, b2 = betas
     m = b1 * m + (1 - b1) * g
     v = b2 * v + (1 - b2) * g * g
@@ -67,7 +70,7 @@ class InnerAdam:
         t = state.step + 1
         out, ms, vs = [], [], []
         for p, g, m, v in zip(params, grads, *state.buffers):
-            p, m, v = adam_update(p, g, m, v, t, self.lr, self.betas, self.eps)
+            p, m, v = adam_update(p, g, (m, v), t, self.lr, self.betas, self.eps)
             out.append(p), ms.append(m), vs.append(v)
         return out, InnerState(t, [ms, vs])
 

@@ -23,14 +23,38 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from raydistill.data.augment import augment
+from raydistill.data.selection import class_index
 from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory, seeded_network
 from raydistill.methods.ratbptt.config import RatBpttConfig
-from raydistill.methods.ratbptt.checkpointed import checkpointed_window_gradient
+from raydistill.methods.ratbptt.checkpointed import checkpointed_window_gradient, segment_lengths
 from raydistill.methods.ratbptt.compiled import compiled_loss
 from raydistill.methods.ratbptt.inner_opt import InnerState, make_inner_optimizer
 from raydistill.models.layers import set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
+
+
+@dataclass(frozen=True)
+class SynSet:
+    """The synthetic set a meta-gradient is taken for: images, their hard labels, and the learned soft labels
+    (None when the labels are fixed)."""
+
+    images: Tensor
+    hard_labels: Tensor
+    soft_labels: Tensor | None = None
+
+    @property
+    def targets(self) -> Tensor:
+        """What the inner steps train on: the soft labels when learned, else the hard labels."""
+        return self.hard_labels if self.soft_labels is None else self.soft_labels
+
+
+@dataclass(frozen=True)
+class RealBatch:
+    """The real images and labels the meta-loss draws its batch from."""
+
+    x: Tensor
+    y: Tensor
 
 
 @dataclass
@@ -61,10 +85,6 @@ def plan_window(cfg: RatBpttConfig, rng: torch.Generator) -> tuple[int, int]:
     raise ValueError(f"unknown window mode {mode!r}")
 
 
-def class_indices(hard_labels: Tensor, num_classes: int) -> list[Tensor]:
-    return [torch.nonzero(hard_labels.cpu() == c).flatten() for c in range(num_classes)]
-
-
 def sample_synthetic_batch(
     by_class: list[Tensor], cfg: RatBpttConfig, rng: torch.Generator
 ) -> Tensor | None:
@@ -92,13 +112,13 @@ class Unroll:
     both run the same steps with the same random draws in the same order: the window's minibatches and
     augmentations, then the real batch and its augmentation."""
 
-    def __init__(self, images: Tensor, hard_labels: Tensor, soft_labels: Tensor | None, model_factory: ModelFactory,
-                 cfg: RatBpttConfig, aug: AugmentConfig, seed: int):
+    def __init__(self, syn: SynSet, model_factory: ModelFactory, cfg: RatBpttConfig, aug: AugmentConfig, seed: int):
+        images, hard_labels, soft_labels = syn.images, syn.hard_labels, syn.soft_labels
         self.cfg, self.aug, self.dtype = cfg, aug, images.dtype
         self.rng = torch.Generator().manual_seed(seed)
         self.start, self.window = plan_window(cfg, self.rng)
         num_classes = int(hard_labels.max()) + 1 if soft_labels is None else soft_labels.shape[1]
-        self.by_class = class_indices(hard_labels, num_classes)
+        self.by_class = class_index(hard_labels.cpu(), num_classes)
         self.model: nn.Module = seeded_network(model_factory, self.rng, images)
         set_conv_channels_last(self.model, cfg.channels_last)
         named = list(self.model.named_parameters())
@@ -170,55 +190,46 @@ class Unroll:
             params, state = self.step(params, state, x, targets, create_graph=False, window=False)
         return [p.detach() for p in params], state.detached()
 
-    def real_batch(self, real_x: Tensor, real_y: Tensor) -> tuple[Tensor, Tensor]:
+    def real_batch(self, real: RealBatch) -> tuple[Tensor, Tensor]:
         """The meta-loss's augmented real batch and its labels (the last draws of a sample)."""
-        pick = torch.randperm(real_x.shape[0], generator=self.rng)[: self.cfg.real_batch].to(real_x.device)
-        return augment(real_x[pick], self.rng, self.aug).to(self.dtype), real_y[pick]
+        pick = torch.randperm(real.x.shape[0], generator=self.rng)[: self.cfg.real_batch].to(real.x.device)
+        return augment(real.x[pick], self.rng, self.aug).to(self.dtype), real.y[pick]
 
-    def meta_loss(self, params: list[Tensor], real_x: Tensor, real_y: Tensor) -> Tensor:
+    def meta_loss(self, params: list[Tensor], real: RealBatch) -> Tensor:
         """Cross-entropy of the network at `params` on an augmented real batch."""
-        x_real, y_real = self.real_batch(real_x, real_y)
+        x_real, y_real = self.real_batch(real)
         return F.cross_entropy(self.logits(params, x_real, True), y_real)
 
 
 def unrolled_meta_loss(
-    images: Tensor,
-    hard_labels: Tensor,
-    soft_labels: Tensor | None,
-    real_x: Tensor,
-    real_y: Tensor,
+    syn: SynSet,
+    real: RealBatch,
     model_factory: ModelFactory,
     cfg: RatBpttConfig,
     aug: AugmentConfig,
     seed: int,
-    prefix_images: Tensor | None = None,
-    prefix_soft_labels: Tensor | None = None,
+    prefix: SynSet | None = None,
 ) -> tuple[Tensor, int, int]:
-    """The meta-loss after an unroll whose first `start` steps use `prefix_*` (default: the detached inputs).
+    """The meta-loss after an unroll whose first `start` steps train on `prefix` (default: `syn`, detached).
 
-    The truncated RaT-BPTT gradient is exactly the derivative of this function with respect to `images` and
-    `soft_labels` when the prefix inputs are held fixed, which is what the finite-difference tests check.
+    The truncated RaT-BPTT gradient is exactly the derivative of this function with respect to `syn.images` and
+    `syn.soft_labels` when the prefix inputs are held fixed, which is what the finite-difference tests check.
     Returns (meta_loss, start, window).
     """
-    unroll = Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, seed)
-    x_prefix = images if prefix_images is None else prefix_images
-    soft_prefix = soft_labels if prefix_soft_labels is None else prefix_soft_labels
-    params, state = unroll.prefix(x_prefix, hard_labels if soft_prefix is None else soft_prefix)
+    unroll = Unroll(syn, model_factory, cfg, aug, seed)
+    prefix = syn if prefix is None else prefix
+    params, state = unroll.prefix(prefix.images, prefix.targets)
 
     # Window: differentiable steps from the (constant) window start.
     params = [p.requires_grad_(True) for p in params]
-    targets = hard_labels if soft_labels is None else soft_labels
     for _ in range(unroll.window):
-        params, state = unroll.step(params, state, images, targets, create_graph=True)
-    return unroll.meta_loss(params, real_x, real_y), unroll.start, unroll.window
+        params, state = unroll.step(params, state, syn.images, syn.targets, create_graph=True)
+    return unroll.meta_loss(params, real), unroll.start, unroll.window
 
 
 def checkpointed_meta_loss_and_gradient(
-    images: Tensor,
-    hard_labels: Tensor,
-    soft_labels: Tensor | None,
-    real_x: Tensor,
-    real_y: Tensor,
+    syn: SynSet,
+    real: RealBatch,
     model_factory: ModelFactory,
     cfg: RatBpttConfig,
     aug: AugmentConfig,
@@ -226,37 +237,34 @@ def checkpointed_meta_loss_and_gradient(
 ) -> tuple[Tensor, list[Tensor], int, int]:
     """(meta-loss, gradient w.r.t. images [and soft labels], start, window) with the window recomputed in
     `cfg.window_segments` segments (clamped to the window length) during the backward pass."""
-    unroll = Unroll(images, hard_labels, soft_labels, model_factory, cfg, aug, seed)
-    targets = hard_labels if soft_labels is None else soft_labels
+    unroll = Unroll(syn, model_factory, cfg, aug, seed)
+    images, targets = syn.images, syn.targets
     params, state = unroll.prefix(images, targets)
-    leaves = [images] if soft_labels is None else [images, soft_labels]
+    leaves = [images] if syn.soft_labels is None else [images, syn.soft_labels]
 
     def step(params: list[Tensor], state: InnerState, create_graph: bool) -> tuple[list[Tensor], InnerState]:
         return unroll.step(params, state, images, targets, create_graph)
 
     loss, grads = checkpointed_window_gradient(
-        step, lambda p: unroll.meta_loss(p, real_x, real_y), params, state, unroll.window, cfg.window_segments,
-        leaves, unroll.rng,
+        step, lambda p: unroll.meta_loss(p, real), params, state,
+        segment_lengths(unroll.window, cfg.window_segments), leaves, unroll.rng,
     )
     return loss, grads, unroll.start, unroll.window
 
 
-def as_leaves(images: Tensor, soft_labels: Tensor | None) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-    """Detached copies of the synthetic set that require grad (the inputs stay untouched), and the list of them that
-    the meta-gradient is taken with respect to."""
-    images = images.detach().requires_grad_(True)
-    if soft_labels is None:
-        return images, None, [images]
-    soft_labels = soft_labels.detach().requires_grad_(True)
-    return images, soft_labels, [images, soft_labels]
+def as_leaves(syn: SynSet) -> tuple[SynSet, list[Tensor]]:
+    """A copy of the synthetic set whose images (and soft labels) are detached tensors that require grad (the
+    inputs stay untouched), and the list of them that the meta-gradient is taken with respect to."""
+    images = syn.images.detach().requires_grad_(True)
+    if syn.soft_labels is None:
+        return SynSet(images, syn.hard_labels), [images]
+    soft_labels = syn.soft_labels.detach().requires_grad_(True)
+    return SynSet(images, syn.hard_labels, soft_labels), [images, soft_labels]
 
 
 def meta_gradient(
-    images: Tensor,
-    hard_labels: Tensor,
-    soft_labels: Tensor | None,
-    real_x: Tensor,
-    real_y: Tensor,
+    syn: SynSet,
+    real: RealBatch,
     model_factory: ModelFactory,
     cfg: RatBpttConfig,
     aug: AugmentConfig,
@@ -264,8 +272,8 @@ def meta_gradient(
 ) -> MetaGradient:
     """One RaT-BPTT meta-gradient sample for the synthetic set (images, labels); inputs are not modified."""
     began = time.perf_counter()
-    images, soft_labels, leaves = as_leaves(images, soft_labels)
-    args = (images, hard_labels, soft_labels, real_x, real_y, model_factory, cfg, aug, seed)
+    syn, leaves = as_leaves(syn)
+    args = (syn, real, model_factory, cfg, aug, seed)
     if cfg.window_segments > 1:
         loss, grads, start, window = checkpointed_meta_loss_and_gradient(*args)
     else:
@@ -273,7 +281,7 @@ def meta_gradient(
         grads = torch.autograd.grad(loss, leaves)
     return MetaGradient(
         images=grads[0],
-        labels=grads[1] if soft_labels is not None else None,
+        labels=grads[1] if syn.soft_labels is not None else None,
         meta_loss=float(loss.detach()),
         start=start,
         window=window,

@@ -1,0 +1,108 @@
+"""Boost-DD on the engine: each stage is an ordinary run in RUN/stage-N/, with its own checkpoints, so an
+interrupted boost resumes stage by stage; RUN/distilled.parquet records each image's block.
+
+The schedule and the blocks themselves (what is distilled when, how a block joins) are raydistill.synset.blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from raydistill.config import ConfigError, DistillConfig
+from raydistill.setup import load_checked
+from raydistill.engine.driver import Hooks, distill
+from raydistill.evaluate.results import EvalOptions, run_evaluation
+from raydistill.storage import run_dir as rundir
+from raydistill.storage.store import location
+from raydistill.storage.artifact import BUDGETS_FILE, read_distilled
+from raydistill.storage.atomic import atomic_write_json
+from raydistill.methods.base import IMAGES, SOFT_LABELS
+from raydistill.methods.registry import get_method
+from raydistill.synset.blocks import add_block, cumulative_budgets, stage_config, total_ipc
+from raydistill.synset.synthetic import SyntheticSet
+
+
+def load_stage_result(stage: Path) -> SyntheticSet:
+    dset = read_distilled(stage / rundir.ARTIFACT)
+    learnables = {IMAGES: dset.images}
+    if dset.soft_labels is not None:
+        learnables[SOFT_LABELS] = dset.soft_labels
+    learnables.update({k: torch.tensor(v) for k, v in dset.metadata.get("learned", {}).items()})
+    return SyntheticSet(learnables, dset.labels, blocks=dset.blocks)
+
+
+def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, progress: bool = True,
+          evaluate: bool = True, budgets: list[int] | None = None, **engine) -> dict:
+    """Run (or continue) a Boost-DD schedule into `out`; stage N lives in out/stage-N.
+
+    `engine` goes to every stage's `distill` (in_process, hooks); each stage starts from the previous stage's set
+    (its hooks' `initial`), and the steps that the hooks' on_validation sees count from the start of the whole
+    schedule, not of the stage.
+    """
+    run = location(out)  # a local path, or a URI on shared storage (raydistill.storage.store)
+    if resume:
+        cfg = rundir.resumable_config(run)
+        if cfg is None:
+            return {"run_dir": str(run), "finished": True}
+    if not cfg.boost.stages:
+        raise ConfigError("boost.stages: empty; give --block/--blocks or a boost.stages list in the YAML")
+    if not resume:
+        rundir.check_fresh(run)  # before the data loads: an existing run (or a file) is never written into
+    final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
+    dataset = load_checked(final_cfg)
+    if not resume:
+        run = rundir.prepare(run)
+        rundir.write_config(run, cfg)
+
+    method = get_method(cfg.method)
+    current: SyntheticSet | None = None
+    stages = cfg.boost.stages
+    hooks = engine.pop("hooks", Hooks())
+    hook = hooks.on_validation
+    for index, stage in enumerate(stages):
+        folder = rundir.stage_dir(run, index)
+        if (folder / rundir.ARTIFACT).exists():  # finished before an interruption
+            current = load_stage_result(folder)
+            continue
+        block_cfg = stage_config(cfg, index)
+        start = add_block(current, cfg, index, dataset, method)
+        if progress:
+            print(f"stage {index + 1}/{len(stages)}: IPC {block_cfg.ipc} (+{stage.block}), beta {stage.beta}, "
+                  f"{stage.steps} steps")
+        done_before = sum(s.steps for s in stages[:index])
+        stage_hook = None if hook is None else (
+            lambda step, acc, best, done_before=done_before: hook(done_before + step, acc, best))
+        distill(block_cfg, folder, resume=folder.exists(), progress=progress, evaluate=False,
+                hooks=dataclasses.replace(hooks, initial=start, on_validation=stage_hook), **engine)
+        current = load_stage_result(folder)
+
+    rundir.save_distilled(run, current.learnables, current.hard_labels, current.blocks, dataset, final_cfg,
+                          extra={"boost": [dataclasses.asdict(s) for s in stages]})
+    summary = {"run_dir": str(run), "stages": len(stages), "ipc": final_cfg.ipc}
+    if evaluate:
+        summary["eval"] = evaluate_budgets(run, final_cfg, dataset, budgets or cumulative_budgets(stages),
+                                           EvalOptions(progress=progress, on_ray=not engine.get("in_process", False)))
+    return summary
+
+
+def evaluate_budgets(run: Path, cfg: DistillConfig, dataset, budgets: list[int],
+                     options: EvalOptions = EvalOptions()) -> dict:
+    """Accuracy of every nested prefix (first k images per class by block order) beside same-size baselines; only
+    the whole set's report is written as eval.json (whatever `options.write` says)."""
+    dset = read_distilled(run / rundir.ARTIFACT)
+    bad = [k for k in budgets if k < 1 or k > dset.ipc]
+    if bad:
+        raise ConfigError(f"--budgets: {bad[0]} is not between 1 and the set's IPC {dset.ipc}; pick budgets in that range")
+    reports = {}
+    for k in budgets:
+        part = dset.prefix(k)
+        print(f"budget IPC {k}:")
+        budget_options = dataclasses.replace(options, write=k == dset.ipc)  # the whole set: eval.json
+        reports[str(k)] = run_evaluation(run, part.images, rundir.targets_of(part), dataclasses.replace(cfg, ipc=k),
+                                         dataset, budget_options)
+    body = {"split": "test", "budgets": reports}
+    atomic_write_json(run / BUDGETS_FILE, body)
+    return body
