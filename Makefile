@@ -1,4 +1,4 @@
-# The two commands of the README. Each sets up everything it needs on a fresh machine.
+# The README's commands. Each sets up everything it needs on a fresh machine.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,12 +8,16 @@ export RAY_USAGE_STATS_ENABLED := 0
 # Ray's token authentication stays on for the demo and benchmarks; the tests switch it off for themselves
 # (tests/conftest.py), on a Ray that binds to 127.0.0.1 only.
 
-.PHONY: demo test setup data bench clean
+.PHONY: demo test test-all setup data bench clean
 
 demo: setup data
 	$(VENV)/bin/raydistill distill --preset quickstart --out $(RUN)-$$(date +%Y%m%d-%H%M%S)
 
+# The fast tier: unit tests and a few end-to-end smoke runs (a few minutes on 2 cores). test-all: every test (CI).
 test: setup data
+	$(PY) -m pytest -q -m "unit or smoke"
+
+test-all: setup data
 	$(PY) -m pytest -q
 
 bench: setup data

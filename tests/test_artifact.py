@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from raydistill.storage import artifact, atomic
+from raydistill.storage import artifact, atomic, pictures
 from raydistill.watch import summary
 from raydistill.storage.artifact import ArtifactError, DistilledSet
 from raydistill.setup import config_from_dict, config_to_dict
@@ -266,14 +266,14 @@ def test_zca_round_trip_without_pickle(tmp_path):
 
 def test_to_display_and_save_grid(tmp_path):
     x = torch.tensor([[-2.0, 0.0, 2.0]]).reshape(1, 3, 1, 1)
-    shown = artifact.to_display(x, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    shown = pictures.to_display(x, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
     assert shown.flatten().tolist() == [0.0, 0.5, 1.0]  # -2 * 0.25 + 0.5 = 0, clipped where needed
-    doubled = artifact.to_display(x, 0.5, 0.25, zca_inverse=lambda t: t * 2)
+    doubled = pictures.to_display(x, 0.5, 0.25, zca_inverse=lambda t: t * 2)
     assert doubled.flatten().tolist() == [0.0, 0.5, 1.0]
 
     for channels, mode in ((1, "L"), (3, "RGB")):
         path = tmp_path / f"grid{channels}.png"
-        artifact.save_grid(path, np.random.rand(7, channels, 8, 10), nrow=3)
+        pictures.save_grid(path, np.random.rand(7, channels, 8, 10), nrow=3)
         with Image.open(path) as picture:
             # 3 columns of 10 px and 3 rows of 8 px, 2 px of padding around and between them
             assert picture.size == (3 * 12 + 2, 3 * 10 + 2) and picture.mode == mode

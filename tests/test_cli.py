@@ -114,7 +114,7 @@ def test_presets_command_lists_quickstart(capsys):
 def test_grid_puts_one_class_per_column():
     import torch
 
-    from raydistill.storage.run_dir import grid_order
+    from raydistill.storage.pictures import grid_order
 
     labels = torch.tensor([0, 0, 1, 1, 2, 2])
     assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]

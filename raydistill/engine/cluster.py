@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import os
 
 import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group

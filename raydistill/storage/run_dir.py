@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 import yaml
 
@@ -21,13 +20,11 @@ from raydistill.storage.artifact import (
     METRICS_FILE,
     DistilledSet,
     read_distilled,
-    grid_pixels,
-    save_grid,
-    to_display,
     write_distilled,
     write_zca,
 )
 from raydistill.storage.atomic import atomic_write_json, atomic_write_text
+from raydistill.storage.pictures import grid_images, save_grid
 from raydistill.storage.store import Location, RunPath, location, one_line
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.setup import config_from_dict, config_to_dict, load_config
@@ -165,34 +162,6 @@ def save_distilled(
     write_distilled(run_dir / ARTIFACT, dset)
     save_grid(run_dir / GRID, grid_images(images, dset.labels, dataset), nrow=dataset.num_classes)
     return dset
-
-
-def grid_images(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset) -> np.ndarray:
-    """Training-space images as viewable ones in grid order (one column per class), each stretched to [0, 1]."""
-    zca_inverse = None if dataset.zca is None else (lambda x: dataset.zca.inverse(torch.as_tensor(x)).numpy())
-    display = to_display(images.detach().float().cpu().numpy(), dataset.mean, dataset.std, zca_inverse)
-    return stretch(display[grid_order(labels.cpu())])
-
-
-def display_grid(images: torch.Tensor, labels: torch.Tensor, dataset: Dataset) -> np.ndarray:
-    """The run's image grid as uint8 pixels (height, width, C): what grid.png shows, for TensorBoard."""
-    return grid_pixels(grid_images(images, labels, dataset), nrow=dataset.num_classes)
-
-
-def grid_order(labels: torch.Tensor) -> torch.Tensor:
-    """One column per class, the k-th image of every class on row k."""
-    rank = torch.zeros_like(labels)
-    for c in labels.unique():
-        where = labels == c
-        rank[where] = torch.arange(int(where.sum()))
-    return torch.argsort(rank * (int(labels.max()) + 1) + labels)
-
-
-def stretch(images: np.ndarray) -> np.ndarray:
-    """Scale each image to its own [min, max]: distilled images often span a narrow range around the mean."""
-    lo = images.min(axis=(1, 2, 3), keepdims=True)
-    hi = images.max(axis=(1, 2, 3), keepdims=True)
-    return (images - lo) / np.maximum(hi - lo, 1e-8)
 
 
 def load_run(run_dir: str | Path | Location) -> tuple[DistilledSet, DistillConfig]:
