@@ -61,7 +61,7 @@ from raydistill.evaluate.train import Accuracy, NetworkSpec, network_accuracy  #
 from raydistill.storage import run_dir as rundir  # noqa: E402
 from raydistill.storage.artifact import read_distilled  # noqa: E402
 from raydistill.methods.base import IMAGES  # noqa: E402
-from raydistill.methods.dc.original import original_schedule  # noqa: E402
+from raydistill.methods.dc.original import ImageSgd, original_schedule  # noqa: E402
 from raydistill.methods.matching import resolved_loops  # noqa: E402
 from raydistill.methods.registry import get_method  # noqa: E402
 from raydistill.runtime import resolve_device  # noqa: E402
@@ -195,7 +195,7 @@ def dc_schedule_mode(args: argparse.Namespace, scratch: Path, device: torch.devi
         syn = init_synthetic(cfg, dataset, method)  # the engine's initial set: the same start for both
         began = time.perf_counter()
         images, losses = original_schedule(ctx, syn.learnables[IMAGES].to(device), syn.hard_labels.to(device),
-                                           args.dc_steps, cfg.meta.lr, cfg.meta.momentum, seed=cfg.seed)
+                                           args.dc_steps, ImageSgd(cfg.meta.lr, cfg.meta.momentum), seed=cfg.seed)
         wall_original = time.perf_counter() - began
         ecfg = eval_config(cfg, args)
         outer, inner = resolved_loops(cfg.method_config, ipc)

@@ -60,7 +60,7 @@ from raydistill.setup import load_config  # noqa: E402
 from raydistill.evaluate.train import network_for  # noqa: E402
 from raydistill.methods.base import task_seed  # noqa: E402
 from raydistill.methods.ratbptt.batched import batched_meta_gradient  # noqa: E402
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient  # noqa: E402
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient  # noqa: E402
 from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
 VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
@@ -161,7 +161,8 @@ class Problem:
             reference_meta_gradient(*args, self.factory, r, aug, seed)
             return
         if variant in SAMPLES:
-            batched_meta_gradient(*args, self.factory, replace(r, samples_per_task=SAMPLES[variant]), aug, seed)
+            batched_meta_gradient(SynSet(*args[:3]), RealBatch(*args[3:]), self.factory,
+                                  replace(r, samples_per_task=SAMPLES[variant]), aug, seed)
             return
         own = variant in ("bf16", "segments", "raydistill", "compile")  # raydistill's configured levers plus this one
         layers = "all" if variant in ("bf16", "raydistill", "compile") else {
@@ -170,7 +171,7 @@ class Problem:
         channels_last = r.channels_last if own else variant.startswith("channels_last")
         precision = "bf16" if variant == "bf16" else r.precision
         segments = round(r.window ** 0.5) if variant == "segments" else r.window_segments
-        meta_gradient(*args, self.levers[layers],
+        meta_gradient(SynSet(*args[:3]), RealBatch(*args[3:]), self.levers[layers],
                       replace(r, channels_last=channels_last, precision=precision, window_segments=segments,
                               compile_prefix=r.compile_prefix or variant == "compile"), aug, seed)
 

@@ -14,7 +14,7 @@ from raydistill.setup import load_checked
 from raydistill.data.registry import DataError
 from raydistill.engine.boost import boost, evaluate_budgets
 from raydistill.engine.driver import EngineError, distill
-from raydistill.data.prepare import prepare
+from raydistill.data.prepare import PrepareOptions, prepare
 from raydistill.evaluate.results import EvalOptions, run_evaluation
 from raydistill.storage.artifact import ArtifactError, read_distilled, write_distilled
 from raydistill.watch.console import console
@@ -245,8 +245,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    manifest = prepare(args.source, args.out, image_size=args.image_size, classes=args.classes,
-                       shard_mb=args.shard_mb, root=args.root, address=args.address, progress=not args.quiet)
+    options = PrepareOptions(image_size=args.image_size, classes=args.classes, shard_mb=args.shard_mb, root=args.root)
+    manifest = prepare(args.source, args.out, options, address=args.address, progress=not args.quiet)
     splits = manifest["splits"]
     shards = sum(len(s["shards"]) for s in splits.values())
     print(f"wrote {args.out}: {splits['train']['count']} train + {splits['test']['count']} test images of "

@@ -14,7 +14,7 @@ import raydistill.methods.ratbptt.compiled as compiled
 from raydistill.config import ConfigError
 from raydistill.setup import load_config
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_section
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 
 CFG = RatBpttConfig(unroll=9, window=3, inner_lr=0.01, real_batch=16, batch_per_class=1, classes_per_step=2)
 
@@ -25,9 +25,9 @@ def test_the_compiled_prefix_gives_the_eager_gradient_and_compiles_once():
     on = replace(CFG, compile_prefix=True)
     graphs, starts = [], []
     for seed in (3, 4, 5):
-        eager = meta_gradient(images, hard, soft, real_x, real_y, convnet, CFG, AUG, seed)
+        eager = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), convnet, CFG, AUG, seed)
         calls = sum(c.calls for c in compiled._COMPILED.values())
-        fast = meta_gradient(images, hard, soft, real_x, real_y, convnet, on, AUG, seed)
+        fast = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), convnet, on, AUG, seed)
         assert (fast.start, fast.window) == (eager.start, eager.window)
         assert len(compiled._COMPILED) == 1
         assert sum(c.calls for c in compiled._COMPILED.values()) - calls == fast.start  # the prefix, not the window
@@ -58,7 +58,7 @@ def test_a_failed_compilation_names_the_option_and_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match=r"^ratbptt.compile_prefix: torch.compile failed \(OSError: cc: command "
                        r"not found\); install a C\+\+ compiler \(CPU\) or Triton \(GPU\), or set "
                        r"ratbptt.compile_prefix: false$"):
-        meta_gradient(images, hard, soft, real_x, real_y, convnet, on, AUG, 3)
+        meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), convnet, on, AUG, 3)
     assert len(built) == 1
 
 

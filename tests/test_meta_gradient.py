@@ -14,7 +14,7 @@ from raydistill.config import AugmentConfig, MetaOptConfig
 from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam
 from raydistill.methods.base import task_seed
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient, plan_window, unrolled_meta_loss
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient, plan_window, unrolled_meta_loss
 from conftest import make_meta, named
 
 CLASSES, IPC, SIDE = 2, 2, 6
@@ -81,11 +81,12 @@ def test_meta_gradient_matches_finite_differences(problem, mode, optimizer):
     images, hard, real_x, real_y = problem
     cfg = cfg_for(mode, inner_optimizer=optimizer)
     seed = 7
-    result = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg, AUG, seed)
+    result = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, seed)
 
     # The truncated gradient is the derivative with the prefix inputs held at the current images.
     def loss(x):
-        value, _, _ = unrolled_meta_loss(x, hard, None, real_x, real_y, fixed_factory(), cfg, AUG, seed, prefix_images=images)
+        value, _, _ = unrolled_meta_loss(SynSet(x, hard), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, seed,
+                                         prefix=SynSet(images, hard))
         return value.item()
 
     assert result.meta_loss == pytest.approx(loss(images), rel=1e-12)
@@ -100,11 +101,12 @@ def test_learned_label_gradient_matches_finite_differences(problem, mode):
     images, hard, real_x, real_y = problem
     soft = F.one_hot(hard, CLASSES).double() + 0.1
     cfg = cfg_for(mode)
-    result = meta_gradient(images, hard, soft, real_x, real_y, fixed_factory(), cfg, AUG, seed=3)
+    result = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, seed=3)
 
     def loss(y):
         value, _, _ = unrolled_meta_loss(
-            images, hard, y, real_x, real_y, fixed_factory(), cfg, AUG, 3, prefix_images=images, prefix_soft_labels=soft
+            SynSet(images, hard, y), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, 3,
+            prefix=SynSet(images, hard, soft)
         )
         return value.item()
 
@@ -118,7 +120,8 @@ def test_full_window_equals_plain_bptt(problem):
     T, lr = 5, 0.1
     cfg = RatBpttConfig(unroll=T, window=2, window_mode="full", inner_optimizer="sgd", inner_momentum=0.0,
                         inner_lr=lr, real_batch=len(real_x))  # the whole real set: batch order is irrelevant
-    result = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg, AugmentConfig(strategies=[]), 11)
+    result = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y),
+                           fixed_factory(), cfg, AugmentConfig(strategies=[]), 11)
 
     x = images.clone().requires_grad_(True)
     net = fixed_factory()().double()
@@ -136,8 +139,8 @@ def test_full_window_equals_plain_bptt(problem):
 def test_prefix_sends_no_gradient_into_the_synthetic_set(problem):
     """With the window at the end, the gradient differs from full BPTT: the prefix path is cut."""
     images, hard, real_x, real_y = problem
-    end = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg_for("end"), AUG, 5)
-    full = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg_for("full"), AUG, 5)
+    end = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg_for("end"), AUG, 5)
+    full = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg_for("full"), AUG, 5)
     assert end.start == 3 and end.window == 3
     assert not torch.allclose(end.images, full.images)
 
@@ -145,8 +148,8 @@ def test_prefix_sends_no_gradient_into_the_synthetic_set(problem):
 def test_same_seed_same_gradient_and_windows_cover_the_unroll(problem):
     images, hard, real_x, real_y = problem
     cfg = cfg_for("random")
-    a = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg, AUG, 42)
-    b = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg, AUG, 42)
+    a = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, 42)
+    b = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, 42)
     assert torch.equal(a.images, b.images) and a.start == b.start
     starts = {plan_window(cfg, torch.Generator().manual_seed(task_seed(0, step, 0)))[0] for step in range(200)}
     assert starts == set(range(cfg.unroll - cfg.window + 1))
@@ -157,7 +160,7 @@ def test_same_seed_same_gradient_and_windows_cover_the_unroll(problem):
 def test_synthetic_minibatches_draw_from_chosen_classes(problem):
     images, hard, real_x, real_y = problem
     cfg = cfg_for("random", batch_per_class=1, classes_per_step=1)
-    result = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(), cfg, AUG, 1)
+    result = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(), cfg, AUG, 1)
     assert torch.isfinite(result.images).all()
     assert (result.images.flatten(1).abs().sum(1) > 0).any()
 
@@ -194,11 +197,12 @@ def test_differentiable_adam_follows_torch_adam():
 def test_meta_gradient_finite_when_an_inner_gradient_is_exactly_zero(problem, monkeypatch):
     images, hard, real_x, real_y = problem
     cfg = cfg_for("full")
-    result = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(dead_param=True), cfg, AUG, 9)
+    result = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), fixed_factory(dead_param=True), cfg, AUG, 9)
     assert torch.isfinite(result.images).all()
     # The guard is what keeps it finite: plain sqrt turns the same gradient NaN.
     monkeypatch.setattr(inner_opt, "safe_sqrt", torch.sqrt)
-    unguarded = meta_gradient(images, hard, None, real_x, real_y, fixed_factory(dead_param=True), cfg, AUG, 9)
+    unguarded = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y),
+                              fixed_factory(dead_param=True), cfg, AUG, 9)
     assert not torch.isfinite(unguarded.images).all()
 
 

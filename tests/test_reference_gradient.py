@@ -19,7 +19,7 @@ from torch import nn
 
 from raydistill.config import AugmentConfig
 from raydistill.methods.ratbptt.config import RatBpttConfig
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 import raydistill.models.layers as layers
 from raydistill.models.layers import Conv2d, InstanceNorm
 from raydistill.models.registry import create_model
@@ -77,7 +77,7 @@ def test_meta_gradient_equals_the_higher_reference(case, channels_last, channels
     assert any(isinstance(m, InstanceNorm) for m in net().modules())  # raydistill's side runs the fused norm
     assert type(net().body[0][0].conv) is Conv2d
     for seed in (3, 11):
-        ours = meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, seed)
+        ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), net, cfg, aug, seed)
         ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, net,
                                                                    cfg, aug, seed)
         assert ours.meta_loss == pytest.approx(ref_loss, rel=1e-10)
@@ -98,7 +98,7 @@ def test_meta_gradient_with_winograd_convolutions_equals_the_higher_reference(ca
     soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1 if learn_labels else None
     calls = []
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
-    ours = meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, 3)
+    ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), net, cfg, aug, 3)
     assert calls
     calls.clear()
     ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, 3)
@@ -127,7 +127,7 @@ def test_reference_prefix_reaches_the_synthetic_set_and_is_discarded(problem):
     finally:
         torch.Tensor.backward = original
     assert len(calls) == cfg.fixed_start + 1  # one backward per prefix step, and the meta-loss's
-    ours = meta_gradient(images, hard, None, real_x, real_y, factory, cfg, AugmentConfig(strategies=[]), 5)
+    ours = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), factory, cfg, AugmentConfig(strategies=[]), 5)
     assert relative_error(ours.images, ref) < 1e-5
 
 

@@ -13,7 +13,7 @@ from raydistill.setup import load_config
 from raydistill.methods.base import IMAGES, SOFT_LABELS, task_seed
 from raydistill.methods.ratbptt.batched import batched_meta_gradient, sample_seed
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_samples, validate_section
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 from raydistill.methods.ratbptt.method import RatBptt, RatBpttContext
 
 K = 3  # samples per task
@@ -41,8 +41,9 @@ def test_batched_samples_are_the_mean_of_single_samples(problem, case):
     cfg = replace(cfg, samples_per_task=K)
     soft = soft if learned else None
     seed = 11
-    batched = batched_meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, seed)
-    singles = [meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, sample_seed(seed, k))
+    batched = batched_meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), factory, cfg, AUG, seed)
+    singles = [meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y),
+                             factory, cfg, AUG, sample_seed(seed, k))
                for k in range(K)]
     assert batched.starts == [s.start for s in singles]
     if cfg.window_mode == "random":  # the lockstep prefix with networks dropping out is exercised
@@ -69,7 +70,8 @@ def test_the_method_returns_the_batched_mean_and_each_start(problem):
     context = RatBpttContext(cfg, real_x, real_y, convnet)
     out = method.gradient(context, {IMAGES: images, SOFT_LABELS: soft}, hard, step=3, slot=1, slot_state=None)
     seed = task_seed(cfg.seed, 3, 1)
-    direct = batched_meta_gradient(images, hard, soft, real_x, real_y, convnet, cfg.method_config, cfg.augment, seed)
+    direct = batched_meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y),
+                                   convnet, cfg.method_config, cfg.augment, seed)
     assert torch.equal(out.grads[IMAGES], direct.images) and torch.equal(out.grads[SOFT_LABELS], direct.labels)
     assert out.stats["starts"] == direct.starts and len(out.stats["starts"]) == 2
     one = replace(cfg, method_config=replace(cfg.method_config, samples_per_task=1))
@@ -107,8 +109,9 @@ def test_cuda_batched_samples_are_the_mean_of_single_samples(problem):
     images, hard, soft, real_x, real_y = (t.cuda() for t in problem)
     cfg, factory, _ = CASES["adam, random window, minibatches, learned labels"]
     cfg = replace(cfg, samples_per_task=K)
-    batched = batched_meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, 11)
-    singles = [meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, sample_seed(11, k))
+    batched = batched_meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), factory, cfg, AUG, 11)
+    singles = [meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y),
+                             factory, cfg, AUG, sample_seed(11, k))
                for k in range(K)]
     assert batched.images.device.type == "cuda"
     assert relative_error(batched.images, sum(s.images for s in singles) / K) < 1e-8

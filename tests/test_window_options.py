@@ -12,7 +12,7 @@ import raydistill.methods.ratbptt.meta_gradient as mg
 from raydistill.config import AugmentConfig, ConfigError
 from raydistill.methods.ratbptt.checkpointed import segment_lengths
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_section
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 from raydistill.models.registry import create_model
 
 CLASSES, IPC, SIDE = 3, 2, 8
@@ -80,10 +80,11 @@ def test_checkpointed_window_gives_the_plain_gradient(problem, case):
     images, hard, soft, real_x, real_y = problem
     cfg, factory = CASES[case]
     seed = 5
-    plain = meta_gradient(images, hard, soft, real_x, real_y, factory, cfg, AUG, seed)
+    plain = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), factory, cfg, AUG, seed)
     assert torch.isfinite(plain.images).all() and plain.images.abs().max() > 0 and plain.labels.abs().max() > 0
     for segments in (2, 3, plain.window):
-        ours = meta_gradient(images, hard, soft, real_x, real_y, factory, replace(cfg, window_segments=segments),
+        ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y),
+                             factory, replace(cfg, window_segments=segments),
                              AUG, seed)
         assert (ours.start, ours.window) == (plain.start, plain.window)
         assert ours.meta_loss == pytest.approx(plain.meta_loss, rel=1e-12)
@@ -95,8 +96,9 @@ def test_checkpointed_window_with_fixed_labels_and_too_many_segments(problem):
     """Hard labels (one leaf); more segments than window steps (an unvalidated config) clamp to one step each."""
     images, hard, _, real_x, real_y = problem
     cfg = RatBpttConfig(unroll=6, window=3, window_mode="end", inner_lr=0.01, real_batch=16)
-    plain = meta_gradient(images, hard, None, real_x, real_y, convnet, cfg, AUG, 2)
-    ours = meta_gradient(images, hard, None, real_x, real_y, convnet, replace(cfg, window_segments=9), AUG, 2)
+    plain = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), convnet, cfg, AUG, 2)
+    ours = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y),
+                         convnet, replace(cfg, window_segments=9), AUG, 2)
     assert ours.labels is None and ours.start == plain.start == 3
     assert relative_error(ours.images, plain.images) < 1e-10
     assert segment_lengths(3, 9) == [1, 1, 1] and segment_lengths(7, 3) == [3, 2, 2]
@@ -108,7 +110,7 @@ def test_checkpointed_path_applies_channels_last(problem, monkeypatch):
     original = mg.set_conv_channels_last
     monkeypatch.setattr(mg, "set_conv_channels_last", lambda model, on: calls.append(on) or original(model, on))
     cfg = RatBpttConfig(unroll=4, window=2, inner_lr=0.01, real_batch=16, channels_last=True, window_segments=2)
-    meta_gradient(images, hard, soft, real_x, real_y, convnet, cfg, AUG, 1)
+    meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), convnet, cfg, AUG, 1)
     assert calls == [True]
 
 
@@ -150,7 +152,7 @@ def test_checkpointed_window_keeps_a_fraction_of_the_graph(problem):
 
     def run(segments):
         c = replace(cfg, window_segments=segments)
-        return lambda: meta_gradient(images, hard, soft, real_x, real_y, convnet, c, AUG, 4)
+        return lambda: meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), convnet, c, AUG, 4)
 
     plain, checkpointed = SavedTensorPeak().measure(run(1)), SavedTensorPeak().measure(run(4))
     assert plain > 0
@@ -195,9 +197,10 @@ def test_bf16_meta_gradient_is_close_to_float32(optimizer, lr):
 
     cfg = RatBpttConfig(unroll=10, window=5, inner_optimizer=optimizer, inner_lr=lr, real_batch=64)
     aug = AugmentConfig(strategies=["flip", "crop"])
-    fp32 = meta_gradient(images, hard, None, real_x, real_y, factory, cfg, aug, 7)
-    bf16 = meta_gradient(images, hard, None, real_x, real_y, factory, replace(cfg, precision="bf16"), aug, 7)
-    other = meta_gradient(images, hard, None, real_x, real_y, factory, cfg, aug, 8)
+    fp32 = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), factory, cfg, aug, 7)
+    bf16 = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y),
+                         factory, replace(cfg, precision="bf16"), aug, 7)
+    other = meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), factory, cfg, aug, 8)
 
     def cosine(a, b):
         return F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
@@ -214,8 +217,8 @@ def test_bf16_with_checkpointed_window_and_learned_labels(problem):
     images, hard, soft, real_x, real_y = problem
     images, soft, real_x = images.float(), soft.float(), real_x.float()
     cfg = RatBpttConfig(unroll=6, window=4, inner_lr=0.01, real_batch=16, batch_per_class=1, precision="bf16")
-    plain = meta_gradient(images, hard, soft, real_x, real_y, lambda: convnet().float(), cfg, AUG, 3)
-    ours = meta_gradient(images, hard, soft, real_x, real_y, lambda: convnet().float(),
+    plain = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), lambda: convnet().float(), cfg, AUG, 3)
+    ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), lambda: convnet().float(),
                          replace(cfg, window_segments=2), AUG, 3)
     assert ours.images.dtype == ours.labels.dtype == torch.float32
     assert relative_error(ours.images, plain.images) < 1e-4

@@ -36,7 +36,7 @@ class ToyMean(Method):
             raise ConfigError(f"toy_mean.real_batch: {section.real_batch} > {num_train} training images")
 
     def setup(self, cfg, resources):
-        return {"cfg": cfg, "x": resources["train_x"], "y": resources["train_y"]}
+        return {"cfg": cfg, "x": resources.train_x, "y": resources.train_y}
 
     def gradient(self, context, learnables, hard_labels, step, slot, slot_state):
         cfg = context["cfg"]

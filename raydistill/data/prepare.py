@@ -191,10 +191,21 @@ def _summarise(files: list[str], fs: pafs.FileSystem, shape: tuple, num_classes:
     return result
 
 
-def prepare(source: str, dest: str, image_size: int | None = None, classes: str | None = None,
-            shard_mb: float = 256.0, root: str | None = None, address: str | None = None,
+@dataclass(frozen=True)
+class PrepareOptions:
+    """What `prepare` writes: images resized to `image_size` (None: as they are), the `classes` kept (None: all),
+    shards of about `shard_mb` MB; `root` is where a built-in data set's files are."""
+
+    image_size: int | None = None
+    classes: str | None = None
+    shard_mb: float = 256.0
+    root: str | None = None
+
+
+def prepare(source: str, dest: str, options: PrepareOptions = PrepareOptions(), address: str | None = None,
             progress: bool = True) -> dict:
     """Prepare SOURCE (an image folder or a built-in data set name) into DEST; returns the manifest."""
+    image_size, classes, shard_mb, root = options.image_size, options.classes, options.shard_mb, options.root
     if not shard_mb > 0:
         raise ConfigError(f"--shard-mb: must be > 0, got {shard_mb:g}")
     if image_size is not None and image_size <= 0:

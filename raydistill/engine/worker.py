@@ -14,7 +14,6 @@ import functools
 import os
 import time
 
-import numpy as np
 import ray
 import torch
 
@@ -23,24 +22,27 @@ from raydistill.data.registry import Dataset, load_dataset
 from raydistill.engine.backend import BACKENDS
 from raydistill.engine.shared_data import HeldData, SharedData, WorkerData, validation_split
 from raydistill.evaluate.validator import Validator
+from raydistill.methods.base import WorkerResources
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import build_network
 from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, as_tensor, compute_device, compute_options
 
 
 def held_resources(cfg: DistillConfig, held: HeldData, dataset_info: tuple, needs: tuple[str, ...],
-                   device: torch.device) -> dict:
-    """What a method's `needs` ask a worker for, on the worker's device, from the training images it holds."""
-    resources: dict = {"device": device, "dataset_info": dataset_info}
+                   device: torch.device) -> WorkerResources:
+    """What a method's `needs` ask a worker for, on the worker's device, from the training images it holds;
+    `dataset_info` is (number of classes, image shape)."""
+    num_classes, image_shape = dataset_info
+    train_x = train_y = model_factory = None
     if "train_data" in needs:
-        resources["train_x"], resources["train_y"] = held.images, held.labels
+        train_x, train_y = held.images, held.labels
     if "model_factory" in needs:
-        num_classes, image_shape = dataset_info
-        resources["model_factory"] = functools.partial(build_network, cfg.model.name, cfg.model, image_shape, num_classes)
-    return resources
+        model_factory = functools.partial(build_network, cfg.model.name, cfg.model, image_shape, num_classes)
+    return WorkerResources(device, num_classes, image_shape, train_x, train_y, model_factory)
 
 
-def method_resources(cfg: DistillConfig, dataset: Dataset, needs: tuple[str, ...], device: torch.device) -> dict:
+def method_resources(cfg: DistillConfig, dataset: Dataset, needs: tuple[str, ...],
+                     device: torch.device) -> WorkerResources:
     """The same for a whole loaded data set (one process: tests, benchmarks)."""
     held = HeldData(dataset.train_x.to(device), dataset.train_y.to(device), torch.arange(dataset.num_train))
     return held_resources(cfg, held, (dataset.num_classes, dataset.image_shape), needs, device)

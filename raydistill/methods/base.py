@@ -56,6 +56,20 @@ class Gradient:
 ModelFactory = Callable[[], nn.Module]  # a worker's "model_factory" resource: a fresh network per call
 
 
+@dataclass(frozen=True)
+class WorkerResources:
+    """What a worker hands a method's `setup`: always its device and the data set's shape; what `needs` asked for,
+    already on the device (None otherwise): the training images and labels for "train_data" (the images may be a
+    RealImages, normalised as they are read), a network factory for "model_factory"."""
+
+    device: torch.device
+    num_classes: int
+    image_shape: tuple[int, ...]
+    train_x: Any = None
+    train_y: Tensor | None = None
+    model_factory: ModelFactory | None = None
+
+
 def seeded_network(model_factory: ModelFactory, rng: torch.Generator, like: Tensor) -> nn.Module:
     """A fresh random init seeded from `rng` (the global RNG is left alone), in train mode, on `like`'s device and
     dtype: how a task draws its network, so a retried task draws the same one."""
@@ -92,10 +106,8 @@ class Method:
         """Initial values of learnables beyond images and soft labels (none by default)."""
         return {}
 
-    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> Any:
-        """A worker's context for `gradient`. `resources` always holds "device" and "dataset_info" (number of
-        classes, image shape), plus what `needs` asked for, already on the device: "train_x" / "train_y" for
-        train_data, "model_factory" for model_factory."""
+    def setup(self, cfg: DistillConfig, resources: WorkerResources) -> Any:
+        """A worker's context for `gradient`, from what the worker prepared for `needs` (see WorkerResources)."""
         return resources
 
     def gradient(self, context: Any, learnables: dict[str, Tensor], hard_labels: Tensor, step: int, slot: int,

@@ -18,7 +18,6 @@ Every random choice comes from one CPU generator seeded by the caller.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,7 @@ from raydistill.config.errors import ConfigError
 from raydistill.config.schema import AugmentConfig, DistillConfig
 from raydistill.data.augment import AugParams, apply_params, augment, siamese_params
 from raydistill.data.selection import class_index
-from raydistill.methods.base import ModelFactory
+from raydistill.methods.base import ModelFactory, WorkerResources
 
 # DC's outer_loop / inner_loop by images per class (Zhao, Mopuri & Bilen, ICLR 2021; the official repo's get_loops).
 PUBLISHED_LOOPS = {1: (1, 1), 10: (10, 50), 20: (20, 25), 30: (30, 20), 40: (40, 15), 50: (50, 10)}
@@ -94,10 +93,9 @@ class MatchingContext:
     model_factory: ModelFactory
 
 
-def make_context(cfg: DistillConfig, resources: dict[str, Any]) -> MatchingContext:
-    x, y = resources["train_x"], resources["train_y"]
-    num_classes = resources["dataset_info"][0]
-    return MatchingContext(cfg, x, y, class_index(y, num_classes), resources["model_factory"])
+def make_context(cfg: DistillConfig, resources: WorkerResources) -> MatchingContext:
+    x, y = resources.train_x, resources.train_y
+    return MatchingContext(cfg, x, y, class_index(y, resources.num_classes), resources.model_factory)
 
 
 def real_batch(ctx: MatchingContext, c: int, n: int, rng: torch.Generator, like: Tensor) -> Tensor:
@@ -125,14 +123,25 @@ def episode_position(rng: torch.Generator, outer_loop: int, inner_loop: int) -> 
     return k, k * inner_loop
 
 
-def train_on_synthetic(model: nn.Module, images: Tensor, labels: Tensor, epochs: int, lr: float, batch: int,
+@dataclass(frozen=True)
+class NetSchedule:
+    """How a matching method trains its network on the synthetic set: `epochs` passes of plain SGD at `lr` in
+    shuffled batches of `batch`."""
+
+    epochs: int
+    lr: float
+    batch: int
+
+
+def train_on_synthetic(model: nn.Module, images: Tensor, labels: Tensor, schedule: NetSchedule,
                        rng: torch.Generator, aug: AugmentConfig | None) -> None:
-    """`epochs` passes of plain SGD (no momentum) over the synthetic set in shuffled batches, in place, no graph
-    into the images; with `aug`, each batch is augmented with per-image parameters (DSA's network training)."""
+    """`schedule.epochs` passes of plain SGD (no momentum) over the synthetic set in shuffled batches, in place, no
+    graph into the images; with `aug`, each batch is augmented with per-image parameters (DSA's network training)."""
+    epochs, batch = schedule.epochs, schedule.batch
     if epochs <= 0:
         return
     images, labels = images.detach(), labels.detach()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD(model.parameters(), lr=schedule.lr)
     model.train()
     n = images.shape[0]
     for _ in range(epochs):

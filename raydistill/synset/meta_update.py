@@ -25,11 +25,17 @@ class UpdateReport:
     clip_norm: float | None  # the threshold used (None on the first step, before any EMA exists, or clip_factor 0)
 
 
-def adam_step_(p: Tensor, g: Tensor, m: Tensor, v: Tensor, t: int, lr: float, grad_scale: float = 1.0,
-               row_lr: Tensor | None = None, betas=(0.9, 0.999), eps: float = 1e-8) -> None:
-    """Adam in place, as torch.optim.Adam computes it; on a set of 15M values, the out-of-place rule the inner loop
-    needs for autograd costs ~10x more in temporaries, and the parameter server runs this every step."""
-    b1, b2 = betas
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # the meta-update's Adam: torch.optim.Adam's defaults
+
+
+def adam_step_(p: Tensor, g: Tensor, moments: tuple[Tensor, Tensor], t: int, lr: float, grad_scale: float = 1.0,
+               row_lr: Tensor | None = None) -> None:
+    """Adam in place, as torch.optim.Adam computes it; `moments` is (m, v), updated in place too. On a set of 15M
+    values, the out-of-place rule the inner loop needs for autograd costs ~10x more in temporaries, and the
+    parameter server runs this every step."""
+    m, v = moments
+    b1, b2 = ADAM_BETAS
+    eps = ADAM_EPS
     if grad_scale != 1.0:
         g = g * grad_scale
     m.lerp_(g, 1 - b1)
@@ -101,7 +107,7 @@ class MetaOptimizer:
             row_lr = self.example_lr_scale if spec.per_example else None
             grad, lr = grads[name].to(tensor.dtype), self.cfg.lr * spec.lr_scale
             if self.cfg.optimizer == "adam":
-                adam_step_(tensor, grad, *self.buffers[name], self.updates, lr, scale, row_lr)
+                adam_step_(tensor, grad, self.buffers[name], self.updates, lr, scale, row_lr)
             else:
                 sgd_step_(tensor, grad, *self.buffers[name], lr, self.cfg.momentum, scale, row_lr)
             if spec.clamp_min is not None:

@@ -9,17 +9,15 @@ The stats record k (`episode`), the epochs and the two terms.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.cafe.config import CafeConfig, validate_section
 from raydistill.methods.cafe.loss import cafe_loss
-from raydistill.methods.matching import (MatchingContext, episode_position, make_context, resolved_loops,
+from raydistill.methods.matching import (MatchingContext, NetSchedule, episode_position, make_context, resolved_loops,
                                          train_on_synthetic, validate_common, validate_real_batch)
 
 
@@ -31,7 +29,7 @@ def cafe_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, see
     aug = ctx.cfg.augment if ctx.cfg.augment.strategies else None
     model = seeded_network(ctx.model_factory, rng, images)
     k, epochs = episode_position(rng, outer, inner)
-    train_on_synthetic(model, images, hard_labels, epochs, section.lr_net, section.batch_train, rng, aug)
+    train_on_synthetic(model, images, hard_labels, NetSchedule(epochs, section.lr_net, section.batch_train), rng, aug)
     model.requires_grad_(False)  # only the images get gradients from here on
     images = images.detach().requires_grad_(True)
     loss, feature, discrimination = cafe_loss(model, images, hard_labels, ctx, section, aug, rng)
@@ -55,7 +53,7 @@ class Cafe(Method):
                               num_classes: int) -> None:
         validate_real_batch(section.batch_real, self.name, num_train, num_classes)
 
-    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> MatchingContext:
+    def setup(self, cfg: DistillConfig, resources: WorkerResources) -> MatchingContext:
         return make_context(cfg, resources)
 
     def gradient(self, context: MatchingContext, learnables: dict[str, Tensor], hard_labels: Tensor, step: int,

@@ -9,19 +9,17 @@ seeded episode, and dc/original.py for the original schedule, kept in one proces
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from raydistill.config.errors import ConfigError
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dc.config import DcConfig, validate_section
 from raydistill.methods.dc.loss import dc_loss
-from raydistill.methods.matching import (MatchingContext, episode_position, freeze_batchnorm, make_context,
-                                         resolved_loops, train_on_synthetic, validate_common,
+from raydistill.methods.matching import (MatchingContext, NetSchedule, episode_position, freeze_batchnorm,
+                                         make_context, resolved_loops, train_on_synthetic, validate_common,
                                          validate_real_batch)
 
 
@@ -34,7 +32,7 @@ def dc_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed:
     aug = ctx.cfg.augment if siamese else None
     model = seeded_network(ctx.model_factory, rng, images)
     k, epochs = episode_position(rng, outer, inner)
-    train_on_synthetic(model, images, hard_labels, epochs, d.lr_net, d.batch_train, rng, aug)
+    train_on_synthetic(model, images, hard_labels, NetSchedule(epochs, d.lr_net, d.batch_train), rng, aug)
     freeze_batchnorm(model, ctx, len(ctx.by_class), rng, images)
     images = images.detach().requires_grad_(True)
     loss = dc_loss(model, images, hard_labels, ctx, d.batch_real, aug, rng)
@@ -59,7 +57,7 @@ class GradientMatching(Method):
     def validate_against_data(self, section: DcConfig, cfg: DistillConfig, num_train: int, num_classes: int) -> None:
         validate_real_batch(section.batch_real, self.name, num_train, num_classes)
 
-    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> MatchingContext:
+    def setup(self, cfg: DistillConfig, resources: WorkerResources) -> MatchingContext:
         return make_context(cfg, resources)
 
     def gradient(self, context: MatchingContext, learnables: dict[str, Tensor], hard_labels: Tensor, step: int,

@@ -8,25 +8,35 @@ used by the engine: this network lives across updates, so a task of it would not
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from raydistill.methods.dc.config import DcConfig
 from raydistill.methods.dc.loss import dc_loss
 from raydistill.methods.base import seeded_network
-from raydistill.methods.matching import (MatchingContext, freeze_batchnorm, resolved_loops,
+from raydistill.methods.matching import (MatchingContext, NetSchedule, freeze_batchnorm, resolved_loops,
                                          train_on_synthetic)
 
 
-def original_schedule(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, steps: int, lr: float,
-                      momentum: float, seed: int, siamese: bool = False) -> tuple[Tensor, list[float]]:
+@dataclass(frozen=True)
+class ImageSgd:
+    """The published loop's optimizer of the synthetic images: SGD with momentum."""
+
+    lr: float
+    momentum: float
+
+
+def original_schedule(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, steps: int, image_opt: ImageSgd,
+                      seed: int, siamese: bool = False) -> tuple[Tensor, list[float]]:
     """The synthetic images after `steps` image updates of DC's (or DSA's) published loop, and the loss of each."""
     d: DcConfig = ctx.cfg.method_config
     rng = torch.Generator().manual_seed(seed)
     outer, inner = resolved_loops(d, ctx.cfg.ipc)
     aug = ctx.cfg.augment if siamese else None
     x = images.detach().clone().requires_grad_(True)
-    opt = torch.optim.SGD([x], lr=lr, momentum=momentum)
+    opt = torch.optim.SGD([x], lr=image_opt.lr, momentum=image_opt.momentum)
     losses: list[float] = []
     while len(losses) < steps:
         model = seeded_network(ctx.model_factory, rng, x)
@@ -38,5 +48,5 @@ def original_schedule(ctx: MatchingContext, images: Tensor, hard_labels: Tensor,
             losses.append(float(loss.detach()))
             if len(losses) == steps or ol == outer - 1:
                 break
-            train_on_synthetic(model, x, hard_labels, inner, d.lr_net, d.batch_train, rng, aug)
+            train_on_synthetic(model, x, hard_labels, NetSchedule(inner, d.lr_net, d.batch_train), rng, aug)
     return x.detach(), losses

@@ -3,14 +3,12 @@ with respect to the synthetic images."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, Gradient, Method, seeded_network, task_seed
+from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dm.config import DmConfig, validate_section
 from raydistill.methods.dm.loss import dm_loss
 from raydistill.methods.matching import (MatchingContext, make_context, validate_common,
@@ -41,7 +39,7 @@ class DistributionMatching(Method):
     def validate_against_data(self, section: DmConfig, cfg: DistillConfig, num_train: int, num_classes: int) -> None:
         validate_real_batch(section.batch_real, self.name, num_train, num_classes)
 
-    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> MatchingContext:
+    def setup(self, cfg: DistillConfig, resources: WorkerResources) -> MatchingContext:
         return make_context(cfg, resources)
 
     def gradient(self, context: MatchingContext, learnables: dict[str, Tensor], hard_labels: Tensor, step: int,

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, task_seed
+from raydistill.methods.base import (IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, WorkerResources,
+                                     task_seed)
 from raydistill.methods.ratbptt.batched import batched_meta_gradient
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
-from raydistill.methods.ratbptt.meta_gradient import meta_gradient
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 
 
 @dataclass
@@ -36,16 +36,16 @@ class RatBptt(Method):
                               num_classes: int) -> None:
         validate_against_data(section, cfg.ipc, num_train, num_classes)
 
-    def setup(self, cfg: DistillConfig, resources: dict[str, Any]) -> RatBpttContext:
-        return RatBpttContext(cfg, resources["train_x"], resources["train_y"], resources["model_factory"])
+    def setup(self, cfg: DistillConfig, resources: WorkerResources) -> RatBpttContext:
+        return RatBpttContext(cfg, resources.train_x, resources.train_y, resources.model_factory)
 
     def gradient(self, context: RatBpttContext, learnables: dict[str, Tensor], hard_labels: Tensor, step: int,
                  slot: int, slot_state: dict[str, np.ndarray] | None) -> Gradient:
         cfg = context.cfg
         soft = learnables.get(SOFT_LABELS)
         sampler = batched_meta_gradient if cfg.method_config.samples_per_task > 1 else meta_gradient
-        g = sampler(learnables[IMAGES], hard_labels, soft, context.real_x, context.real_y, context.model_factory,
-                    cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
+        g = sampler(SynSet(learnables[IMAGES], hard_labels, soft), RealBatch(context.real_x, context.real_y),
+                    context.model_factory, cfg.method_config, cfg.augment, task_seed(cfg.seed, step, slot))
         grads = {IMAGES: g.images}
         if soft is not None:
             grads[SOFT_LABELS] = g.labels
