@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import ray
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import needs_fashion
+from conftest import FASHION, needs_fashion
 from raydistill.storage.artifact import read_distilled
 from raydistill.config import ConfigError
 from raydistill.setup import load_config
@@ -114,6 +115,27 @@ def test_a_killed_worker_loses_no_step(reference_k2, tmp_path, monkeypatch):
     assert (tmp_path / "marker").exists()  # the worker really died
     assert summary["status"]["applied_steps"] == list(range(STEPS))
     assert torch.equal(images_of(tmp_path / "run"), images_of(reference_k2[0]))  # the retry recomputed the same
+
+
+class NoDataRootHere(GradientWorker):
+    """A worker on a node without the data: it removes data.root before it starts (the head node alone had it)."""
+
+    def __init__(self, cfg, *args):
+        shutil.rmtree(cfg.data.root, ignore_errors=True)
+        assert not os.path.exists(cfg.data.root)
+        super().__init__(cfg, *args)
+
+
+def test_workers_need_no_data_root_where_they_run(reference_k2, tmp_path):
+    """The driver reads the data once and hands it to the workers through Ray's object store: a worker (and the
+    validator) whose node lacks data.root still computes, with the config the driver checked."""
+    root = tmp_path / "fashion-mnist"
+    shutil.copytree(FASHION, root)
+    cfg = tiny("ray.workers=2", f"data.root={root}", "eval.every=3", "eval.val_models=1", "eval.val_steps=2")
+    summary = distill(cfg, tmp_path / "run", progress=False, evaluate=False, hooks=Hooks(worker_cls=NoDataRootHere))
+    assert not root.exists()
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    assert summary["val_acc"] is not None  # the validator scored the run's snapshots
 
 
 class ServerDiesOnce(ParameterServer):
