@@ -6,6 +6,8 @@
         --out benchmarks/results/step_levers.json     # one lever at a time
     python benchmarks/bench_step.py --device cuda --out benchmarks/results/step_gpu.json
     python benchmarks/bench_step.py --prefix-memory --configs quickstart,ipc1 --out benchmarks/results/step_memory.json
+    python benchmarks/bench_step.py --threads 1 --variants raydistill,kernels_none \
+        --out benchmarks/results/step_kernels.json   # the CPU speed layers (model.cpu_kernels) on and off
 
 It needs `higher` (pip install -e '.[bench]'). With --strict the exit status is 1 when a target is missed (raydistill
 not 1.5x faster than the reference on some config, or a prefix-memory ratio above 1.15); without it the targets are
@@ -28,8 +30,11 @@ except bf16:
 - `segments`: `fused_norm` with `ratbptt.window_segments` = round(sqrt(W)) (activation checkpointing of the window),
   so that its time and peak memory compare with `fused_norm`'s;
 - `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99, tests/test_window_options.py);
-- `raydistill`: raydistill as its Ray workers run it by default: the fused norm and the fast pool, in a process with
-  the allocator setting;
+- `raydistill`: raydistill as its Ray workers run it by default: the CPU speed layers `model.cpu_kernels` (default
+  auto, or --cpu-kernels) picks on this machine (on AVX2: Winograd and im2col convolutions, the fused norm, the fast
+  pool), in a process with the allocator setting;
+- `kernels_none`: `raydistill` with `model.cpu_kernels: none` (plain PyTorch convolutions, norm and pool; the same
+  meta-gradient to float rounding): the switch's gain is `raydistill` against this;
 - `samples2`, `samples4`: raydistill with `ratbptt.samples_per_task` 2 or 4 (that many samples batched through
   torch.func.vmap in one task; their mean is the mean of as many `raydistill` samples): the seconds reported are the
   task's divided by K (compare them with `raydistill`'s), the peak memory is the task's;
@@ -56,17 +61,19 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_higher import official_network, reference_meta_gradient  # noqa: E402
 
+from raydistill.config.schema import CPU_KERNELS  # noqa: E402
 from raydistill.setup import load_config  # noqa: E402
 from raydistill.evaluate.train import network_for  # noqa: E402
 from raydistill.methods.base import task_seed  # noqa: E402
 from raydistill.methods.ratbptt.batched import batched_meta_gradient  # noqa: E402
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient  # noqa: E402
+from raydistill.models.speed import cpu_capability  # noqa: E402
 from raydistill.runtime import MALLOC_TUNABLES  # noqa: E402
 
 VARIANTS = ("reference", "reference+reuse", "before", "channels_last", "fused_norm", "channels_last+fused_norm",
-            "fast_pool", "reuse", "bf16", "segments", "raydistill", "samples2", "samples4", "compile")
+            "fast_pool", "reuse", "bf16", "segments", "raydistill", "kernels_none", "samples2", "samples4", "compile")
 # run in a process with raydistill's allocator setting
-REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "samples2", "samples4", "compile")
+REUSE = ("reference+reuse", "reuse", "bf16", "raydistill", "kernels_none", "samples2", "samples4", "compile")
 SAMPLES = {"samples2": 2, "samples4": 4}  # samples per task: times are reported per sample (task / K)
 
 
@@ -77,10 +84,10 @@ class Shape:
         self.image_shape, self.num_classes = (channels, side, side), classes
 
 
-def configs() -> dict[str, tuple]:
-    """key -> (description, config, data shape, real-set size)."""
+def configs(cpu_kernels: str = "auto") -> dict[str, tuple]:
+    """key -> (description, config, data shape, real-set size), with `model.cpu_kernels` set to `cpu_kernels`."""
     fixed = ["ratbptt.window_mode=fixed", "ratbptt.real_batch=256", "ratbptt.inner_optimizer=adam", "data.zca=false",
-             "augment.strategies=[]"]
+             "augment.strategies=[]", f"model.cpu_kernels={cpu_kernels}"]
 
     def cifar(ipc: int, unroll: int, window: int) -> object:
         return load_config("cifar10-ipc10", [*fixed, f"ipc={ipc}", f"ratbptt.unroll={unroll}",
@@ -88,7 +95,8 @@ def configs() -> dict[str, tuple]:
                                              "ratbptt.batch_per_class=null", "ratbptt.classes_per_step=null"],
                            check_paths=False)
 
-    quick = load_config("quickstart", ["ratbptt.window_mode=fixed", "ratbptt.fixed_start=25"], check_paths=False)
+    quick = load_config("quickstart", ["ratbptt.window_mode=fixed", "ratbptt.fixed_start=25",
+                                       f"model.cpu_kernels={cpu_kernels}"], check_paths=False)
     c100 = load_config("cifar100-ipc10", [*fixed, "ratbptt.unroll=30", "ratbptt.window=10", "ratbptt.fixed_start=20"],
                        check_paths=False)
     return {
@@ -149,10 +157,12 @@ class Problem:
         self.real_y = torch.randint(0, shape.num_classes, (num_real,), generator=g).to(device)
         self.cfg, self.shape, self.device = cfg, shape, device
         self.factory = lambda: network_for(cfg.model.name, cfg, shape)
+        plain = replace(cfg, model=replace(cfg.model, cpu_kernels="none"))
         # raydistill's network with some of its layer levers swapped back to the plain torch layers
         self.levers = {"none": lambda: official_network(self.factory()),
                        "norm": lambda: official_network(self.factory(), norms=False),
-                       "pool": lambda: official_network(self.factory(), pools=False), "all": self.factory}
+                       "pool": lambda: official_network(self.factory(), pools=False), "all": self.factory,
+                       "kernels_none": lambda: network_for(cfg.model.name, plain, shape)}
 
     def run(self, variant: str, seed: int) -> None:
         r, aug = self.cfg.method_config, self.cfg.augment
@@ -164,9 +174,11 @@ class Problem:
             batched_meta_gradient(SynSet(*args[:3]), RealBatch(*args[3:]), self.factory,
                                   replace(r, samples_per_task=SAMPLES[variant]), aug, seed)
             return
-        own = variant in ("bf16", "segments", "raydistill", "compile")  # raydistill's configured levers plus this one
+        # raydistill's configured levers plus this one
+        own = variant in ("bf16", "segments", "raydistill", "compile", "kernels_none")
         layers = "all" if variant in ("bf16", "raydistill", "compile") else {
-            "fused_norm": "norm", "channels_last+fused_norm": "norm", "segments": "norm", "fast_pool": "pool"
+            "fused_norm": "norm", "channels_last+fused_norm": "norm", "segments": "norm", "fast_pool": "pool",
+            "kernels_none": "kernels_none"
         }.get(variant, "none")
         channels_last = r.channels_last if own else variant.startswith("channels_last")
         precision = "bf16" if variant == "bf16" else r.precision
@@ -188,11 +200,12 @@ class Problem:
 class Child:
     """A process that holds one config's Problem and runs one variant's meta-steps on request (`--serve`)."""
 
-    def __init__(self, key: str, variant: str, device: torch.device, threads: int):
+    def __init__(self, key: str, variant: str, device: torch.device, threads: int, cpu_kernels: str):
         self.variant = variant
         self.proc = subprocess.Popen([sys.executable, __file__, "--serve", key, "--device", str(device),
-                                      "--threads", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=self.environment(variant))
+                                      "--threads", str(threads), "--cpu-kernels", cpu_kernels],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=self.environment(variant))
 
     @staticmethod
     def environment(variant: str) -> dict:
@@ -218,11 +231,11 @@ class Child:
         return reply
 
 
-def serve(key: str, device: torch.device) -> None:
+def serve(key: str, device: torch.device, cpu_kernels: str) -> None:
     """The child's loop: one JSON line per request on the original stdout (everything else goes to stderr)."""
     out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
-    _, cfg, shape, num_real = configs()[key]
+    _, cfg, shape, num_real = configs(cpu_kernels)[key]
     problem = Problem(cfg, shape, num_real, device)
     for line in sys.stdin:
         what, variant, seed = line.split()
@@ -241,7 +254,7 @@ def serve(key: str, device: torch.device) -> None:
 def bench(key: str, name: str, cfg, shape: Shape, num_real: int, device: torch.device, variants: list[str],
           repeats: int, threads: int) -> dict:
     r = cfg.method_config
-    children = {v: Child(key, v, device, threads) for v in variants}
+    children = {v: Child(key, v, device, threads, cfg.model.cpu_kernels) for v in variants}
     try:
         memory = {v: children[v].ask("memory", task_seed(0, 1000, 0))["peak_extra_mib"] for v in variants}  # warm-up
         seconds: dict[str, list[float]] = {v: [] for v in variants}
@@ -265,7 +278,7 @@ def bench(key: str, name: str, cfg, shape: Shape, num_real: int, device: torch.d
                     [a / b for a, b in zip(seconds[base], seconds[v])]), 3)
                 rows[v][f"speedup_of_min_times{suffix}"] = round(min(seconds[base]) / min(seconds[v]), 3)
     result = {"key": key, "config": name, "image_shape": list(shape.image_shape), "classes": shape.num_classes, "ipc": cfg.ipc,
-              "width": cfg.model.width, "unroll": r.unroll, "window": r.window, "start": r.fixed_start,
+              "width": cfg.model.width, "cpu_kernels": cfg.model.cpu_kernels, "unroll": r.unroll, "window": r.window, "start": r.fixed_start,
               "real_batch": r.real_batch, "learned_labels": cfg.labels.learn,
               "augment": list(cfg.augment.strategies), "variants": rows}
     if "reference" in rows and "raydistill" in rows:
@@ -303,7 +316,7 @@ def cpu_model() -> str:
 def machine(device: torch.device) -> dict:
     info = {"glibc": platform.libc_ver()[1], "load_average_at_end": os.getloadavg(), "platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "device": str(device)}
+            "cpu_capability": cpu_capability(), "device": str(device)}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -334,6 +347,8 @@ def main() -> int:
     ap.add_argument("--configs", default="ipc1,ipc10,quickstart,cifar100", help="comma-separated config keys")
     ap.add_argument("--prefix-memory", action="store_true",
                     help="instead of timing: raydistill's peak memory at T = 2W and T = 6W (the prefix keeps no graph)")
+    ap.add_argument("--cpu-kernels", choices=CPU_KERNELS, default="auto",
+                    help="model.cpu_kernels of every raydistill variant (kernels_none always runs none)")
     ap.add_argument("--serve", metavar="CONFIG", help=argparse.SUPPRESS)  # a child process (see Child)
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
     ap.add_argument("--out", default="benchmarks/results/step.json")
@@ -341,14 +356,14 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.serve:
-        serve(args.serve, torch.device(args.device))
+        serve(args.serve, torch.device(args.device), args.cpu_kernels)
         return 0
     variants = args.variants.split(",")
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     device = torch.device(args.device)
-    table = configs()
+    table = configs(args.cpu_kernels)
     keys = args.configs.split(",")
     if any(k not in table for k in keys):
         ap.error(f"unknown configs {[k for k in keys if k not in table]}; choose from {', '.join(table)}")

@@ -11,7 +11,6 @@ import torch
 
 from raydistill.compat import loopback_init_kwargs, loopback_only
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.models.speed import set_cpu_kernels
 
 
 def resolve_device(name: str) -> torch.device:
@@ -43,9 +42,8 @@ def compute_device(cfg: DistillConfig, on_ray: bool) -> torch.device:
     """Set up a process that computes (a gradient worker, the validator, an evaluation task) and return its device.
 
     On Ray: `cfg.ray.worker_threads` torch threads and the GPU Ray assigned, if any. In this process: `cfg.threads`
-    (0 leaves the count alone) and `cfg.device`. Either way, the CPU speed layers as `cfg.model.cpu_kernels` says.
+    (0 leaves the count alone) and `cfg.device`.
     """
-    set_cpu_kernels(cfg.model.cpu_kernels)
     if on_ray:
         set_threads(cfg.ray.worker_threads)
         return worker_device()

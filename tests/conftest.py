@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+from raydistill.compat import loopback_init_kwargs
 from raydistill.methods.base import Learnable
 from raydistill.synset.meta_update import MetaOptimizer
 
@@ -27,7 +28,7 @@ def ray_session():
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level=logging.WARNING,
-             _node_ip_address="127.0.0.1")
+             **loopback_init_kwargs())
     yield ray
     ray.shutdown()
 

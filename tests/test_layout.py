@@ -165,3 +165,18 @@ def test_no_function_takes_more_than_seven_parameters():
                 if n > MAX_PARAMETERS and where not in ATEN_SIGNATURES:
                     long.append(f"{where} (line {node.lineno}: {n} parameters)")
     assert not long, f"more than {MAX_PARAMETERS} parameters (group them in a value object): " + ", ".join(long)
+
+
+PRIVATE_INTERNALS = ("._private", "._internal", "torch._C", "torch.ops.aten", "_node_ip_address")
+
+
+def test_private_internals_are_named_in_compat_alone():
+    """Ray's and torch's private internals are fenced in raydistill/compat.py, which test_compat.py checks against
+    the installed versions: no other module of the package, and no other test file, names one."""
+    compat, tests = PACKAGE / "compat.py", PACKAGE.parent / "tests"
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) if p != compat]
+    files += [p for p in sorted(tests.rglob("*.py")) if p.name not in ("test_layout.py", "test_compat.py")]
+    assert compat.exists() and len(files) > len(MODULES)
+    found = [f"{p.relative_to(PACKAGE.parent)}:{i} names {word}" for p in files
+             for i, line in enumerate(p.read_text().splitlines(), 1) for word in PRIVATE_INTERNALS if word in line]
+    assert not found, "use raydistill.compat instead: " + "; ".join(found)

@@ -1,16 +1,34 @@
-"""Model registry, shapes, features, norm choices, reproducible init and double backward under functional_call."""
+"""Model registry, shapes, features, norm choices, reproducible init and double backward under functional_call;
+the CPU speed layers and their switch (`model.cpu_kernels`, raydistill.models.speed).
+
+In the layer tests `auto` means every speed layer (as on an AVX2 CPU), whatever it picks on the machine.
+"""
+
+import copy
 
 import pytest
 import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from raydistill.config import ConfigError
+import raydistill.models.layers as layers
+import raydistill.models.speed as speed
+from raydistill.config import AugmentConfig, ConfigError, DistillConfig
+from raydistill.config.schema import CPU_KERNELS
+from raydistill.config.validate import validate
+from raydistill.methods.ratbptt.config import RatBpttConfig
+from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 from raydistill.models.layers import AvgPool2x2, Conv2d, InstanceNorm, instance_norm, set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy
-from raydistill.models.registry import MODELS, create_model
+from raydistill.models.registry import MODELS, build_network, create_model
+from raydistill.models.speed import KERNELS, SpeedLayer, auto_kernels, kernel_enabled, resolve, set_cpu_kernels
 
 SHAPES = [(1, 28), (3, 32), (3, 64)]  # (channels, size): Fashion-MNIST, CIFAR, Tiny-ImageNet-like
+
+
+@pytest.fixture(autouse=True)
+def auto_is_all(monkeypatch):
+    monkeypatch.setattr(speed, "_auto", frozenset(KERNELS))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -285,3 +303,153 @@ def test_the_fast_layers_run_inside_torch_func_transforms():
         assert a.abs().max() > 0 and torch.allclose(a, c, rtol=1e-9, atol=1e-11)
     with pytest.raises(RuntimeError, match="setup_context"):  # the control: the Function itself has no rule
         vmap(instance_norm)(x, w, b)
+
+
+# ---------------------------------------------------------------------------------- the switch: model.cpu_kernels
+
+
+def spy_on_speed_layers(monkeypatch) -> dict[str, int]:
+    """How often each speed layer ran (KERNELS' names), from spies on the functions the layers call."""
+    counts = dict.fromkeys(KERNELS, 0)
+
+    def spy(kernel, fn):
+        def counted(*args, **kwargs):
+            counts[kernel] += 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for kernel, name in [("winograd", "winograd_conv3x3"), ("im2col", "slow_conv2d_forward"),
+                         ("instance_norm", "instance_norm"), ("avg_pool", "_pool2x2")]:
+        monkeypatch.setattr(layers, name, spy(kernel, getattr(layers, name)))
+    return counts
+
+
+def plain_copy(model: nn.Module) -> nn.Module:
+    """`model` with raydistill's layers swapped for the torch modules they subclass, holding the same state."""
+    plain = copy.deepcopy(model)
+    for name, module in list(plain.named_modules()):
+        if isinstance(module, Conv2d):
+            swap = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size, module.stride,
+                             module.padding, module.dilation, module.groups, module.bias is not None,
+                             module.padding_mode)
+        elif isinstance(module, InstanceNorm):
+            swap = nn.GroupNorm(module.num_groups, module.num_channels, module.eps, module.affine)
+        elif isinstance(module, AvgPool2x2):
+            swap = nn.AvgPool2d(2)
+        else:
+            continue
+        swap.load_state_dict(module.state_dict())
+        parent, _, attr = name.rpartition(".")
+        setattr(plain.get_submodule(parent) if parent else plain, attr, swap)
+    return plain
+
+
+def graph_nodes(t: torch.Tensor) -> set[str]:
+    seen, todo, names = set(), [t.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+def speed_net(dtype=torch.float32, kernels="auto") -> nn.Module:
+    """A net on which every speed layer applies: one input channel (im2col), width 64 on 8 x 8 (Winograd), the
+    instance norm and even-sized pools."""
+    net = create_model("convnet", 1, 4, 16, width=64, depth=2, norm="instance").to(dtype)
+    assert set_cpu_kernels(net, kernels) == 6  # two convolutions, two norms, two pools
+    return net
+
+
+def test_none_runs_the_plain_torch_ops(monkeypatch):
+    """`none`: the layers run exactly the ops of nn.Conv2d, nn.GroupNorm and nn.AvgPool2d (the same autograd graph
+    and the same value, bit for bit); `all` runs every speed layer on the same net (the control)."""
+    counts = spy_on_speed_layers(monkeypatch)
+    torch.manual_seed(0)
+    net = speed_net(kernels="none")
+    plain = plain_copy(net)
+    x = torch.randn(8, 1, 16, 16, requires_grad=True)
+    reference, y = plain(x), net(x)
+    assert not any(counts.values())
+    assert torch.equal(y, reference) and graph_nodes(y) == graph_nodes(reference)
+    set_cpu_kernels(net, "all")
+    fast = net(x)
+    assert all(counts.values()), counts
+    assert graph_nodes(fast) != graph_nodes(reference)
+    torch.testing.assert_close(fast, reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_all_and_none_give_the_same_meta_gradient(monkeypatch, dtype):
+    """A short RaT-BPTT meta-gradient on a net where every speed layer applies: the same with all of them as with
+    plain PyTorch ops, to float64 rounding (and float32's: a short window is not chaotic)."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(4, 1, 16, 16, generator=g, dtype=torch.float64).to(dtype)
+    hard = torch.arange(4)
+    real_x = torch.randn(32, 1, 16, 16, generator=g, dtype=torch.float64).to(dtype)
+    real_y = torch.randint(0, 4, (32,), generator=g)
+    cfg = RatBpttConfig(unroll=4, window=2, window_mode="fixed", fixed_start=2, inner_lr=0.01, real_batch=32)
+    counts = spy_on_speed_layers(monkeypatch)
+
+    def run(kernels):
+        return meta_gradient(SynSet(images, hard), RealBatch(real_x, real_y), lambda: speed_net(dtype, kernels), cfg,
+                             AugmentConfig(strategies=[]), 7)
+
+    plain = run("none")
+    assert not any(counts.values())
+    fast = run("all")
+    assert all(counts.values()), counts
+    assert plain.images.abs().max() > 0
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(fast.images, plain.images, rtol=tol, atol=tol * plain.images.abs().max().item())
+    assert fast.meta_loss == pytest.approx(plain.meta_loss, rel=tol)
+
+
+def test_the_switch_is_one_setting():
+    """`model.cpu_kernels`, checked by the config's validation, reaches every speed layer of a network built from
+    the config (build_network: the workers', validator's and evaluation's networks); each speed path of the layers
+    asks it, and nothing else switches them (Conv2d has no switch of its own)."""
+    assert speed.CPU_KERNELS is CPU_KERNELS and DistillConfig().model.cpu_kernels == "auto"
+    cfg = DistillConfig()
+    for bad in ("on", "off", True):
+        cfg.model.cpu_kernels = bad
+        with pytest.raises(ConfigError, match="model.cpu_kernels"):
+            validate(cfg)
+        with pytest.raises(ValueError, match="model.cpu_kernels"):
+            resolve(bad)
+    for mode, kernels in (("all", set(KERNELS)), ("none", set()), ("auto", auto_kernels(speed.cpu_capability()))):
+        cfg.model.cpu_kernels = mode
+        validate(cfg)
+        net = build_network("convnet", cfg.model, (1, 16, 16), 4)
+        layers_ = [m for m in net.modules() if isinstance(m, SpeedLayer)]
+        assert len(layers_) == 3 * cfg.model.depth
+        assert all(m.cpu_kernels == kernels for m in layers_), mode
+        assert {k for k in KERNELS if kernel_enabled(layers_[0], k)} == kernels
+    assert not hasattr(Conv2d, "winograd")
+    source = open(layers.__file__).read()
+    for kernel in KERNELS:
+        assert source.count(f'kernel_enabled(self, "{kernel}")') == 1, kernel
+    assert source.count("kernel_enabled(") == len(KERNELS)  # no other call decides
+
+
+def test_auto_decides_from_the_cpu_capability(monkeypatch):
+    """auto: every speed layer on AVX2 (where they were measured: the same as `all`, bit for bit); elsewhere only
+    the ISA-independent ones (the instance norm's double backward and the pool). The layers follow."""
+    assert auto_kernels("AVX2") == frozenset(KERNELS) == resolve("all")
+    for capability in ("AVX512", "DEFAULT", "SVE256", "VSX", "ZVECTOR", "NO AVX"):
+        assert auto_kernels(capability) == {"instance_norm", "avg_pool"}, capability
+    assert resolve("auto") == auto_kernels(torch.backends.cpu.get_cpu_capability())  # this machine
+    counts = spy_on_speed_layers(monkeypatch)
+    x = torch.randn(8, 1, 16, 16)
+    for capability, ran in (("AVX512", {"instance_norm", "avg_pool"}), ("AVX2", set(KERNELS))):
+        monkeypatch.setattr(speed, "cpu_capability", lambda capability=capability: capability)
+        counts.update(dict.fromkeys(KERNELS, 0))
+        speed_net(kernels="auto")(x)
+        assert {k for k, n in counts.items() if n} == ran, capability
+        monkeypatch.setattr(speed, "_auto", None)  # a network never told: auto, decided once per process
+        counts.update(dict.fromkeys(KERNELS, 0))
+        create_model("convnet", 1, 4, 16, width=64, depth=2)(x)
+        assert {k for k, n in counts.items() if n} == ran, capability

@@ -12,6 +12,7 @@ from typing import Any
 
 INIT_MODES = ("noise", "real")
 NORMS = ("instance", "batch", "none")
+CPU_KERNELS = ("auto", "all", "none")  # model.cpu_kernels (raydistill.models.speed); YAML reads on/off as booleans
 AUGMENTATIONS = ("color", "crop", "cutout", "flip", "scale", "rotate")  # DSA's (Zhao & Bilen, ICML 2021)
 META_OPTIMIZERS = ("adam", "sgd")
 EVAL_RECIPES = ("adam", "sgd")
@@ -40,6 +41,10 @@ class ModelConfig:
     width: int = 128
     depth: int = 3  # ConvNet only; ConvNet-4 for 64x64 inputs
     norm: str = "instance"
+    # The CPU speed layers (Winograd and im2col convolutions, instance norm's analytic double backward, the fast 2x2
+    # pool): auto picks them per machine from the CPU's ISA; all / none forces every one / plain PyTorch ops
+    # (raydistill.models.speed).
+    cpu_kernels: str = "auto"
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""Building blocks shared by several architectures (each free of in-place ops, for double backward)."""
+"""Building blocks shared by several architectures (each free of in-place ops, for double backward).
+
+Conv2d, InstanceNorm and AvgPool2x2 are the plain torch modules they subclass, with speed paths for the inner loop
+that each run only where `raydistill.models.speed.kernel_enabled` says (the `model.cpu_kernels` switch, set on a
+network by `raydistill.models.speed.set_cpu_kernels`).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from raydistill.compat import (native_group_norm, native_group_norm_backward, slow_conv2d_forward,
+                               under_func_transform)
 from raydistill.models.registry import make_norm
+from raydistill.models.speed import SpeedLayer, kernel_enabled
 from raydistill.models.winograd import winograd_applies, winograd_conv3x3
 
-_aten = torch.ops.aten
-
-
-def under_func_transform() -> bool:
-    """True inside torch.func transforms (vmap, grad: several samples per task). The custom autograd Functions
-    below have no functorch rules, so the layers then run the native ops they replace (the same function)."""
-    return torch._C._functorch.peek_interpreter_stack() is not None
+# Inside torch.func transforms (vmap, grad: several samples per task; `under_func_transform`) the custom autograd
+# Functions below have no functorch rules, so the layers then run the native ops they replace (the same function).
 
 
 def _stats(t: Tensor) -> Tensor:
@@ -45,8 +48,8 @@ class _InstanceNormBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor):
         n, c = x.shape[:2]
-        gx, dgamma, dbeta = _aten.native_group_norm_backward(gy, x, mean.view(n, c), rstd.view(n, c), weight, n, c,
-                                                             x.shape[2] * x.shape[3], c, [True, True, True])
+        gx, dgamma, dbeta = native_group_norm_backward(gy, x, mean.view(n, c), rstd.view(n, c), weight, n, c,
+                                                       x.shape[2] * x.shape[3], c, [True, True, True])
         ctx.save_for_backward(gy, x, weight, mean, rstd)
         return gx, dgamma, dbeta
 
@@ -89,7 +92,7 @@ class _InstanceNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor, eps: float):
         n, c = x.shape[:2]
-        y, mean, rstd = _aten.native_group_norm(x, weight, bias, n, c, x.shape[2] * x.shape[3], c, eps)
+        y, mean, rstd = native_group_norm(x, weight, bias, n, c, x.shape[2] * x.shape[3], c, eps)
         mean, rstd = mean.view(n, c, 1, 1), rstd.view(n, c, 1, 1)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
@@ -106,15 +109,16 @@ def instance_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) ->
     return _InstanceNorm.apply(x, weight, bias, eps)
 
 
-class InstanceNorm(nn.GroupNorm):
+class InstanceNorm(SpeedLayer, nn.GroupNorm):
     """`nn.GroupNorm(c, c, affine=True)` (same parameters, init, state dict and value) with the analytic double
-    backward of `instance_norm`: the norm of the inner loop, whose second derivative every meta-gradient pays for."""
+    backward of `instance_norm`: the norm of the inner loop, whose second derivative every meta-gradient pays for.
+    With the `instance_norm` speed layer off (raydistill.models.speed) it is nn.GroupNorm's forward."""
 
     def __init__(self, channels: int, eps: float = 1e-5):
         super().__init__(channels, channels, eps=eps, affine=True)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or under_func_transform():
+        if x.dim() != 4 or not kernel_enabled(self, "instance_norm") or under_func_transform():
             return super().forward(x)
         if x.shape[0] * x.shape[2] * x.shape[3] == 1:  # F.group_norm's own check: one value per channel and group
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {list(x.shape)}")
@@ -167,21 +171,23 @@ class _AvgUnpool2x2(torch.autograd.Function):
         return _AvgPool2x2.apply(gg)
 
 
-class AvgPool2x2(nn.AvgPool2d):
+class AvgPool2x2(SpeedLayer, nn.AvgPool2d):
     """`nn.AvgPool2d(2)` (same module type, no state) on the faster `_pool2x2` path for 4-D inputs of even size;
-    other inputs (odd sizes, which the pool floors) go to the native kernel. `tests/test_models.py` checks value and
-    derivatives against avg_pool2d, and gradcheck / gradgradcheck in float64."""
+    other inputs (odd sizes, which the pool floors), and every input with the `avg_pool` speed layer off
+    (raydistill.models.speed), go to the native kernel. `tests/test_models.py` checks value and derivatives against
+    avg_pool2d, and gradcheck / gradgradcheck in float64."""
 
     def __init__(self):
         super().__init__(2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and not under_func_transform():
+        if (x.dim() == 4 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0 and kernel_enabled(self, "avg_pool")
+                and not under_func_transform()):
             return _AvgPool2x2.apply(x)
         return super().forward(x)
 
 
-class Conv2d(nn.Conv2d):
+class Conv2d(SpeedLayer, nn.Conv2d):
     """`nn.Conv2d` (same module type, parameters and state dict) with two CPU paths for the inner loop's shapes:
 
     - a 3x3 convolution with 64+ channels on a small input (an IPC 1 window's) runs by Winograd's F(2x2, 3x3)
@@ -192,18 +198,17 @@ class Conv2d(nn.Conv2d):
       same convolution up to the order of the sums.
 
     Derivatives of every order exist on both. Other inputs (GPUs; autocast; torch.func transforms, which have no
-    batching rule for either) take the native path, as does everything when the class attribute `winograd` is
-    False (for comparisons). `tests/test_models.py` and `tests/test_winograd.py` check values and derivatives."""
-
-    winograd = True
+    batching rule for either) take the native path, as does each path whose speed layer (`winograd`, `im2col`) is
+    off (raydistill.models.speed). `tests/test_models.py` and `tests/test_winograd.py` check values and derivatives."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.winograd and not under_func_transform() and winograd_applies(x, self):
+        if kernel_enabled(self, "winograd") and not under_func_transform() and winograd_applies(x, self):
             return winograd_conv3x3(x, weight, bias)
         if (self.in_channels == 1 and x.device.type == "cpu" and x.dim() == 4 and self.groups == 1
                 and self.padding_mode == "zeros" and not isinstance(self.padding, str) and self.dilation == (1, 1)
-                and not torch.is_autocast_enabled("cpu") and not under_func_transform()):
-            return _aten._slow_conv2d_forward(x, weight, self.kernel_size, bias, self.stride, self.padding)
+                and not torch.is_autocast_enabled("cpu") and kernel_enabled(self, "im2col")
+                and not under_func_transform()):
+            return slow_conv2d_forward(x, weight, self.kernel_size, bias, self.stride, self.padding)
         return super()._conv_forward(x, weight, bias)
 
 

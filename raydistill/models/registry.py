@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from raydistill.config import ConfigError, ModelConfig
 from raydistill.config.schema import NORMS
+from raydistill.models.speed import set_cpu_kernels
 
 __all__ = ["MODELS", "register_model", "create_model", "make_norm"]
 
@@ -84,9 +85,12 @@ def make_norm(norm: str, channels: int) -> nn.Module:
 
 
 def build_network(arch: str, model: ModelConfig, image_shape: tuple[int, ...], num_classes: int) -> nn.Module:
-    """A fresh `arch` for (C, H, W) images, shaped by the `model` section (initialised from the global RNG)."""
+    """A fresh `arch` for (C, H, W) images, shaped by the `model` section (initialised from the global RNG), its
+    speed layers as `model.cpu_kernels` says (raydistill.models.speed)."""
     c, h = image_shape[0], image_shape[1]
-    return create_model(arch, c, num_classes, h, width=model.width, depth=model.depth, norm=model.norm)
+    network = create_model(arch, c, num_classes, h, width=model.width, depth=model.depth, norm=model.norm)
+    set_cpu_kernels(network, model.cpu_kernels)
+    return network
 
 
 def network_from_seed(make: Callable[[], nn.Module], seed: int) -> nn.Module:

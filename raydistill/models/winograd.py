@@ -6,17 +6,21 @@ position: V (tiles x C_in) @ U (C_in x C_out), where V = B^T d B holds the trans
 transformed filters, and the output tile is A^T M A. That is 16 multiply-adds per 4 outputs instead of 36 (2.25x
 fewer), paid for by the transforms: additions and subtractions only, cheap while the transformed tensors (4x the
 input) stay in the cache. It pays on the small batches of an IPC 1 window (10 x 128 x 16 x 16: a whole CIFAR-10
-IPC 1 meta-step 1.13x faster); `winograd_applies` keeps larger inputs and thin layers on the native kernel.
+IPC 1 meta-step 1.13x faster); `winograd_applies` keeps larger inputs and thin layers on the native kernel. Those
+limits were measured on an AVX2 CPU, so `model.cpu_kernels: auto` uses the path on AVX2 CPUs only
+(raydistill.models.speed).
 
 Every transform is linear, so each is an autograd Function whose backward is its adjoint, and the adjoint's
 backward is the transform again: derivatives of every order stay on these paths (the unrolled window
 differentiates each convolution twice), and the matrix products' derivatives are matrix products.
 
-The value is the convolution's up to float rounding, and no less accurate than oneDNN's direct kernel: the
-transforms' coefficients are 0, +-1 and +-1/2. The larger F(4x4, 3x3) (four times fewer multiply-adds) was faster
-still but made the float32 meta-gradient about 5x less accurate against float64 (median over seeds,
-benchmarks/README.md), so it is not used. `tests/test_winograd.py` checks values, derivatives (gradcheck and
-gradgradcheck in float64) and the float32 accuracy of the convolution and of the meta-gradient against float64.
+The value is the convolution's up to float rounding, as accurate as a direct kernel's in float32 (the same order
+of error against float64: 5e-7 of the largest output at the inner loop's shape, where oneDNN's direct kernel gave
+1.3e-6 on AVX2 and 2.2e-7 on AVX-512): the transforms' coefficients are 0, +-1 and +-1/2. The larger F(4x4, 3x3)
+(four times fewer multiply-adds) was faster still but made the float32 meta-gradient about 5x less accurate against
+float64 (median over seeds, benchmarks/README.md), so it is not used. `tests/test_winograd.py` checks values,
+derivatives (gradcheck and gradgradcheck in float64) and the float32 accuracy of the convolution and of the
+meta-gradient against float64.
 """
 
 from __future__ import annotations
