@@ -39,7 +39,7 @@ import ray
 import torch
 
 from raydistill.compat import loopback_init_kwargs
-from raydistill.setup import config_to_dict, load_config
+from raydistill.setup import load_config
 from raydistill.engine.driver import distill
 from raydistill.engine.server import ParameterServer
 
@@ -80,7 +80,7 @@ def gpu_share(steps: int, warmup: int, data_root: str | None) -> dict:
 class NullWorker:
     """Reads the snapshot like a real worker and returns a gradient of its size, computing nothing."""
 
-    def compute(self, snapshot: list, step: int, slot: int) -> dict:
+    def compute(self, shared, snapshot: list, step: int, slot: int) -> dict:
         began = time.perf_counter()
         snap = ray.get(snapshot[0])
         grad = np.full_like(snap["learnables"]["images"], 1e-3 * (slot + 1))
@@ -93,14 +93,14 @@ def server_overhead(n: int, shape: tuple, workers: int, steps: int, warmup: int)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((n, *shape), dtype=np.float32)
     with tempfile.TemporaryDirectory() as tmp:
-        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, tmp, {"images": images},
-                                                                     np.arange(n) % 100)
+        ps = ray.remote(ParameterServer).options(num_cpus=0).remote(cfg, tmp)
+        ray.get(ps.start.remote({"images": images}, np.arange(n) % 100))
         pool = [ray.remote(NullWorker).options(num_cpus=0).remote() for _ in range(workers)]
         times = []
         for step in range(steps + warmup):
             began = time.perf_counter()
             snap = ray.get(ps.snapshot.remote())  # the engine's sync step, call for call
-            grads = [w.compute.remote(snap["ref"], step, slot) for slot, w in enumerate(pool)]
+            grads = [w.compute.remote(None, snap["ref"], step, slot) for slot, w in enumerate(pool)]
             report = ray.get(ps.apply_sync.remote(step, *grads))
             assert report["accepted"] and report["applied"]
             times.append(time.perf_counter() - began)

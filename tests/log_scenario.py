@@ -22,12 +22,12 @@ def marker(seed: int) -> Path:
 class DiesAtStep3(GradientWorker):
     """Slot 1 kills its own process the first time it reaches step 3."""
 
-    def compute(self, snapshot, step, slot):
+    def compute(self, shared, snapshot, step, slot):
         died = marker(self.cfg.seed)
         if step == 3 and slot == 1 and not died.exists():
             died.write_text("died")
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute(snapshot, step, slot)
+        return super().compute(shared, snapshot, step, slot)
 
 
 if __name__ == "__main__":

@@ -93,12 +93,12 @@ class DiesOnce(GradientWorker):
 
     marker = ""
 
-    def compute(self, snapshot, step, slot):
+    def compute(self, shared, snapshot, step, slot):
         marker = Path(self.marker)
         if step == 1 and slot == 1 and not marker.exists():
             marker.write_text("died")
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute(snapshot, step, slot)
+        return super().compute(shared, snapshot, step, slot)
 
 
 def test_a_killed_dsa_worker_leaves_exactly_one_record_per_step(ray_session, tmp_path, monkeypatch):

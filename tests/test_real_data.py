@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from raydistill.setup import config_to_dict, load_config
+from raydistill.setup import load_config
 from raydistill.data.real import Normaliser, RealImages
 from raydistill.data.registry import Dataset, channel_stats
 from raydistill.data.zca import ZCA
@@ -173,7 +173,8 @@ def test_a_worker_sets_its_method_up_again_when_its_shards_change(monkeypatch):
                       check_paths=False)
     shared = share(ds, cfg, LOCAL)
     assert shared.num_shards > shared.hold
-    worker = GradientWorker(cfg, "local", shared)
+    worker = GradientWorker(cfg, "local")
+    worker.attach(shared)
     seen = []
     for step in range(6):
         worker.hold(step, 0)

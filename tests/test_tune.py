@@ -236,12 +236,12 @@ class CrashingWorker(GradientWorker):
     marker_dir = ""
     crashes = 2
 
-    def compute(self, snapshot, step, slot):
+    def compute(self, shared, snapshot, step, slot):
         folder = Path(self.marker_dir)
         if self.cfg.ipc == 2 and step >= 3 and len(list(folder.iterdir())) < self.crashes:
             (folder / f"crash-{len(list(folder.iterdir()))}").touch()
             raise RuntimeError("injected worker crash")
-        return super().compute(snapshot, step, slot)
+        return super().compute(shared, snapshot, step, slot)
 
 
 @pytest.mark.slow

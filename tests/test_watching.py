@@ -154,7 +154,7 @@ def test_the_console_restores_what_it_changed(monkeypatch):
 
 
 class AlwaysFails(GradientWorker):
-    def compute(self, snapshot, step, slot):
+    def compute(self, shared, snapshot, step, slot):
         raise ValueError("the data shard is unreadable")
 
 

@@ -95,18 +95,19 @@ class Run:
         self.ps = self.backend.actor(
             hooks.server_cls, dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
                              scheduling_strategy=driver_node_strategy()) if on_ray else {},
-            cfg, str(run), syn.arrays(), syn.hard_labels.numpy(),
-            None if syn.lr_scale is None else syn.lr_scale.numpy(), backend)
+            cfg, str(run), backend)
+        self.backend.get(self.ps.start.remote(  # a failed step-0 checkpoint is written again by flush_checkpoint
+            syn.arrays(), syn.hard_labels.numpy(), None if syn.lr_scale is None else syn.lr_scale.numpy()))
         self.shared = share(dataset, cfg, self.backend)  # the real data: one uint8 copy per node, read in place
         self.workers = [
             self.backend.actor(hooks.worker_cls, worker_options(cfg, placement.options(i)) if on_ray else {},
-                               cfg, backend, self.shared)
+                               cfg, backend)
             for i in range(cfg.ray.workers)
         ]
         self.validator = None
         if cfg.eval.every:
             options = validator_options(validator_gets_gpu(cfg), cfg.ray.reuse_memory) if on_ray else {}  # no Ray
-            self.validator = self.backend.actor(ValidatorActor, options, cfg, backend, self.shared)
+            self.validator = self.backend.actor(ValidatorActor, options, cfg, backend)
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()
@@ -182,7 +183,7 @@ class Run:
             # Owned by the driver: it survives a server restart.
             current = snapshot_for_validation(self.backend.get(self.ps.current.remote()))
             snapshot = self.backend.put(current)
-            self.pending[self.validator.validate.remote(snapshot)] = (step, snapshot)
+            self.pending[self.validator.validate.remote(snapshot, self.shared)] = (step, snapshot)
             self.watch.images(step, current)
 
     def collect_validations(self, wait: bool = False) -> list[tuple[int, float]]:
@@ -254,7 +255,7 @@ class Run:
             try:
                 snap = self.backend.get(self.ps.snapshot.remote())
                 step = snap["step"]
-                grads = [w.compute.remote(snap["ref"], step, slot) for slot, w in enumerate(self.workers)]
+                grads = [w.compute.remote(self.shared, snap["ref"], step, slot) for slot, w in enumerate(self.workers)]
                 # Gradients go from the workers straight to the server; the driver only waits for the outcome.
                 report = self.wait(self.ps.apply_sync.remote(step, *grads))
                 if not report["accepted"]:  # the server restarted from a checkpoint: carry on from its step
@@ -282,7 +283,7 @@ class Run:
         def submit(slot: int) -> None:
             nonlocal task
             snap = self.backend.get(self.ps.snapshot.remote())
-            inflight[self.workers[slot].compute.remote(snap["ref"], task, slot)] = slot
+            inflight[self.workers[slot].compute.remote(self.shared, snap["ref"], task, slot)] = slot
             task += 1
 
         for slot in range(len(self.workers)):
@@ -374,6 +375,7 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
         try:
             bar = progress_bar(cfg.steps, f"distill ({cfg.ray.mode}, K={cfg.ray.workers})", enabled=progress)
             began = time.perf_counter()
+            job.flush_checkpoint()  # the step-0 checkpoint, if its write failed
             (job.sync_loop if cfg.ray.mode == "sync" else job.async_loop)(bar)
             for step, acc in job.collect_validations(wait=True):
                 bar.set_postfix(val=f"{acc:.1f}@{step}")

@@ -24,6 +24,9 @@ from raydistill.methods.registry import get_method
 from raydistill.synset.meta_update import MetaOptimizer
 
 
+HARD_LABELS, LR_SCALE = "hard_labels", "example_lr_scale"  # checkpoint keys of the set's fixed parts
+
+
 def finite(result: dict) -> bool:
     return all(bool(np.isfinite(g).all()) for g in result["grads"].values())
 
@@ -48,15 +51,18 @@ def copy_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 class ParameterServer:
-    def __init__(self, cfg: DistillConfig, run_dir: str, learnables: dict[str, np.ndarray], hard_labels: np.ndarray,
-                 lr_scale: np.ndarray | None = None, backend: str = "ray"):
+    """Constructed from the config and the run directory alone; the initial set arrives through `start`, which
+    writes it as the step-0 checkpoint. So a server that Ray restarts rebuilds everything from its newest checkpoint
+    and needs no constructor argument in the object store (which the driver may no longer hold: ray-project/ray#53727).
+    """
+
+    def __init__(self, cfg: DistillConfig, run_dir: str, backend: str = "ray"):
         self.cfg = cfg
         self.backend = BACKENDS[backend]
         self.checkpoints = location(run_dir) / CHECKPOINTS  # a local path or a URI: shared storage for restarts elsewhere
-        self.hard_labels = np.asarray(hard_labels)
-        specs = get_method(self.cfg.method).learnables(self.cfg)
-        self.meta = MetaOptimizer({k: torch.tensor(v) for k, v in learnables.items()}, specs, self.cfg.meta,
-                                  None if lr_scale is None else torch.tensor(lr_scale))
+        self.specs = get_method(self.cfg.method).learnables(self.cfg)
+        self.meta: MetaOptimizer | None = None  # built by start(), or from a checkpoint
+        self.hard_labels: np.ndarray | None = None
         self.step = 0  # meta-steps done
         self.version = 0  # snapshot version: one per applied update
         self.applied_steps: list[int] = []  # every applied step, in order: a step is never applied twice
@@ -68,10 +74,30 @@ class ParameterServer:
         self.last_report: dict | None = None  # the report of the step that made self.step (kept in its checkpoint)
         with warnings.catch_warnings(record=True) as caught:  # surfaced to the driver through status()
             warnings.simplefilter("always", CheckpointWarning)
-            found = latest_checkpoint(self.checkpoints)
+            self.found = latest_checkpoint(self.checkpoints)
         self.notes = [str(w.message) for w in caught if issubclass(w.category, CheckpointWarning)]
-        if found is not None:
-            self._restore(*found[1:])
+        if self.found is not None and HARD_LABELS in self.found[1]:  # checkpoints keep the set's fixed parts too
+            state = arrays_to_state(*self.found[1:])
+            self._build({k: state[f"meta.{k}"] for k in self.specs}, state[HARD_LABELS].numpy(),
+                        state[LR_SCALE].numpy() if LR_SCALE in state else None)
+            self._restore(state)
+
+    def start(self, learnables: dict[str, np.ndarray], hard_labels: np.ndarray,
+              lr_scale: np.ndarray | None = None) -> str | None:
+        """The run's initial set, from the driver; ignored when the server resumed from a checkpoint. The step-0
+        checkpoint is written now, so a restart finds it; a failed write is reported like any other (see flush)."""
+        if self.meta is not None:
+            return None
+        self._build({k: torch.tensor(v) for k, v in learnables.items()}, np.asarray(hard_labels),
+                    None if lr_scale is None else np.asarray(lr_scale))
+        if self.found is not None:  # a checkpoint written before checkpoints kept the hard labels
+            self._restore(arrays_to_state(*self.found[1:]))
+        return self._checkpoint_if(True)
+
+    def _build(self, learnables: dict[str, torch.Tensor], hard_labels: np.ndarray, lr_scale: np.ndarray | None) -> None:
+        self.hard_labels = hard_labels
+        self.meta = MetaOptimizer(learnables, self.specs, self.cfg.meta,
+                                  None if lr_scale is None else torch.tensor(lr_scale))
         self._publish()
 
     # ------------------------------------------------------------------------------------------ snapshots
@@ -187,6 +213,9 @@ class ParameterServer:
 
     def checkpoint(self) -> str:
         state = {f"meta.{k}": v for k, v in self.meta.state_dict().items()}
+        state[HARD_LABELS] = torch.from_numpy(np.asarray(self.hard_labels))
+        if self.meta.example_lr_scale is not None:
+            state[LR_SCALE] = self.meta.example_lr_scale
         state.update({"step": self.step, "version": self.version, "applied_steps": self.applied_steps,
                       "last_report": json.dumps(self.last_report, default=json_default),  # as metrics.jsonl does
                       **{f"dropped.{k}": v for k, v in self.dropped.items()}})
@@ -198,8 +227,7 @@ class ParameterServer:
         arrays, meta = state_to_arrays(state)
         return str(save_checkpoint(self.checkpoints, self.step, arrays, meta))
 
-    def _restore(self, arrays: dict, meta: dict) -> None:
-        state = arrays_to_state(arrays, meta)
+    def _restore(self, state: dict) -> None:
         self.meta.load_state_dict({k[len("meta."):]: v for k, v in state.items() if k.startswith("meta.")})
         self.step, self.version = int(state["step"]), int(state["version"])
         self.applied_steps = [int(s) for s in state["applied_steps"]]
@@ -214,3 +242,4 @@ class ParameterServer:
                 self.slot_states.setdefault(int(slot), {})[name] = value.numpy()
         self.last_report = json.loads(state["last_report"]) if "last_report" in state else None  # older checkpoints
         self.restored_step = self.step
+        self._publish()

@@ -55,15 +55,23 @@ def worker_options(cfg: DistillConfig, placement: dict) -> dict:
 
 
 class GradientWorker:
-    def __init__(self, cfg: DistillConfig, backend: str, shared: SharedData):
-        self.cfg = cfg  # checked by the driver: a worker never reads data.root (its data arrives through Ray)
+    """Constructed from the checked config alone (a worker never reads data.root); the run's real data, refs into
+    the object store that the driver holds, comes with every task. So a worker that Ray restarts needs no
+    constructor argument in the object store, which the driver may no longer hold (ray-project/ray#53727)."""
+
+    def __init__(self, cfg: DistillConfig, backend: str):
+        self.cfg = cfg
         self.backend = BACKENDS[backend]
         self.device = compute_device(self.cfg, on_ray=backend == "ray")
         self.method = get_method(self.cfg.method)
-        self.data = WorkerData(shared, self.backend, self.device)
-        self.dataset_info = self.data.dataset_info()
+        self.data: WorkerData | None = None
         self.context = None
-        self.hold(0, 0)  # set up now, so a worker that cannot start fails before the first step
+
+    def attach(self, shared: SharedData) -> None:
+        """Map the run's real data (at the first task, and at the first after a restart)."""
+        if self.data is None:
+            self.data = WorkerData(shared, self.backend, self.device)
+            self.dataset_info = self.data.dataset_info()
 
     def hold(self, step: int, slot: int) -> None:
         """Set the method up on the images slot `slot` holds at `step` (again only when they changed)."""
@@ -73,9 +81,10 @@ class GradientWorker:
             resources = held_resources(self.cfg, held, self.dataset_info, self.method.needs, self.device)
             self.context = self.method.setup(self.cfg, resources)
 
-    def compute(self, snapshot: list, step: int, slot: int) -> dict:
-        """One gradient on the snapshot `snapshot[0]` for (step, slot)."""
+    def compute(self, shared: SharedData, snapshot: list, step: int, slot: int) -> dict:
+        """One gradient on the snapshot `snapshot[0]` for (step, slot), on the real data `shared`."""
         began = time.perf_counter()
+        self.attach(shared)
         self.hold(step, slot)
         snap = self.backend.get(snapshot[0])
         learnables = {k: as_tensor(v, self.device) for k, v in snap["learnables"].items()}
@@ -115,26 +124,31 @@ def validator_options(has_gpus: bool, reuse_memory: bool = True, gpu_share: floa
 
 
 class ValidatorActor:
-    """The run's `Validator` (raydistill.evaluate.validator): the validation split arrives once, from the driver's
-    uint8 copy in the object store (raydistill.engine.shared_data), or loaded here when it is given none.
+    """The run's `Validator` (raydistill.evaluate.validator): the validation split arrives with the first call, from
+    the driver's uint8 copy in the object store (raydistill.engine.shared_data), or is loaded here when it is given
+    none; like a gradient worker, it takes nothing from the object store at construction.
 
     On Ray (`backend="ray"`) it runs on the GPU Ray assigned, if any, with `cfg.ray.worker_threads` torch threads, as
     the gradient workers do; in this process (`backend="local"`) on `cfg.device`. `validate` returns exactly what
     `validation_accuracy` returns for the snapshot on the same device and torch thread count.
     """
 
-    def __init__(self, cfg: DistillConfig, backend: str = "ray", shared: SharedData | None = None):
-        device = compute_device(cfg, on_ray=backend == "ray")
-        if shared is None:
-            dataset = load_dataset(cfg.data)
-        else:
-            val_x, val_y = validation_split(shared, BACKENDS[backend], device)
-            empty, no_labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
-            dataset = Dataset(shared.name, empty, no_labels, val_x, val_y, empty, no_labels, list(shared.class_names),
-                              shared.mean, shared.std, val_x.normaliser.zca)
-        self.validator = Validator(cfg, dataset, device)
+    def __init__(self, cfg: DistillConfig, backend: str = "ray"):
+        self.cfg, self.backend = cfg, BACKENDS[backend]
+        self.device = compute_device(cfg, on_ray=backend == "ray")
+        self.validator: Validator | None = None  # set up at the first call (and the first after a restart)
 
-    def validate(self, snapshot: dict) -> float:
+    def validate(self, snapshot: dict, shared: SharedData | None = None) -> float:
+        """Validation accuracy of `snapshot`, on the validation split in `shared` (or loaded here without one)."""
+        if self.validator is None:
+            if shared is None:
+                dataset = load_dataset(self.cfg.data)
+            else:
+                val_x, val_y = validation_split(shared, self.backend, self.device)
+                empty, no_labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
+                dataset = Dataset(shared.name, empty, no_labels, val_x, val_y, empty, no_labels,
+                                  list(shared.class_names), shared.mean, shared.std, val_x.normaliser.zca)
+            self.validator = Validator(self.cfg, dataset, self.device)
         return self.validator.validate(snapshot)
 
 
