@@ -75,9 +75,8 @@ class Probe:
 
 
 def measure(cfg_overrides: list[str], workers: int) -> dict:
-    import torch
 
-    from raydistill.setup import config_to_dict, load_config
+    from raydistill.setup import load_config
     from raydistill.engine.worker import GradientWorker
 
     class MeasuredWorker(GradientWorker):

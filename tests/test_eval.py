@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import needs_fashion
-from raydistill.setup import config_to_dict, load_config
+from raydistill.setup import load_config
 from raydistill.data.registry import load_dataset
 from raydistill.evaluate.remote import evaluation_report_on_ray
 from raydistill.engine.worker import ValidatorActor, validator_options

@@ -30,7 +30,7 @@ class DataConfig:
     zca_reg: float = 0.1  # times the mean eigenvalue (KIP / FRePo recipe)
     image_size: int | None = None  # imagefolder / parquet: resize to this square size (None: keep)
     # Past this many GiB of uint8 training images, a worker holds a seeded random subset of shards, drawn anew
-    # every resample_every meta-steps (raydistill.distributed.shared_data); below it, the whole split.
+    # every resample_every meta-steps (raydistill.engine.shared_data); below it, the whole split.
     cache_gb: float = 8.0
     resample_every: int = 100
 
