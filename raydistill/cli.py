@@ -5,27 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
-from raydistill.config import ConfigError
-from raydistill.setup import config_from_dict, config_to_dict, load_config
+from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.loading import preset_names
-from raydistill.setup import load_checked
+from raydistill.data.prepare import PrepareOptions, prepare
 from raydistill.data.registry import DataError
 from raydistill.engine.boost import boost, evaluate_budgets
 from raydistill.engine.driver import EngineError, distill
-from raydistill.data.prepare import PrepareOptions, prepare
 from raydistill.evaluate.results import EvalOptions, run_evaluation
-from raydistill.storage.artifact import ArtifactError, read_distilled, write_distilled
-from raydistill.watch.console import console
-from raydistill.watch.summary import summarise
-from raydistill.storage.run_dir import ARTIFACT, CONFIG, load_run, targets_of
-from raydistill.storage.store import Location, location, one_line
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS
 from raydistill.runtime import set_threads
+from raydistill.setup import config_from_dict, config_to_dict, load_checked, load_config
+from raydistill.storage.artifact import ArtifactError, read_distilled, write_distilled
+from raydistill.storage.run_dir import ARTIFACT, CONFIG, load_run, targets_of
+from raydistill.storage.store import Location, location, one_line
 from raydistill.synset.blocks import schedule
 from raydistill.tune import Interrupted, run_sweep
+from raydistill.watch.console import console
+from raydistill.watch.summary import summarise
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -167,36 +167,37 @@ def _finished(summary: dict, run: str) -> bool:
     return bool(summary.get("finished"))
 
 
-def cmd_distill(args: argparse.Namespace) -> int:
+def _start_or_resume(args: argparse.Namespace, run: Callable[..., dict], new_config: Callable[[], DistillConfig],
+                     changes: str, **extra) -> int:
+    """`run` (distill or boost) on a new config into a new directory, or with --resume on the run's own config.
+
+    `changes` names the flags given that would change a config (a resumed run keeps its own), "" when none were.
+    """
     _check_in_process(args)
-    overrides = _overrides(args)
+    options = dict(progress=not args.quiet, evaluate=not args.no_eval, in_process=args.in_process, **extra)
     if args.resume:
-        if overrides:
-            raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--workers/--mode/--address")
-        summary = distill(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
-                          in_process=args.in_process)
+        if changes:
+            raise ConfigError(f"--resume: a resumed run keeps its own config; drop {changes}")
+        summary = run(None, args.resume, resume=True, **options)
         if _finished(summary, args.resume):
             return 0
     else:
-        cfg = load_config(args.preset, overrides)
-        summary = distill(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
-                          in_process=args.in_process)
+        summary = run(new_config(), _default_out(args), **options)
     print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
     return 0
 
 
-def cmd_boost(args: argparse.Namespace) -> int:
-    _check_in_process(args)
+def cmd_distill(args: argparse.Namespace) -> int:
     overrides = _overrides(args)
-    budgets = _budgets(args.budgets)
-    if args.resume:
-        if overrides or args.block or args.blocks:
-            raise ConfigError("--resume: a resumed run keeps its own config; drop --set/--block/--blocks/--workers")
-        summary = boost(None, args.resume, resume=True, progress=not args.quiet, evaluate=not args.no_eval,
-                        budgets=budgets, in_process=args.in_process)
-        if _finished(summary, args.resume):
-            return 0
-    else:
+    changes = "--set/--workers/--mode/--address" if overrides else ""
+    return _start_or_resume(args, distill, lambda: load_config(args.preset, overrides), changes)
+
+
+def cmd_boost(args: argparse.Namespace) -> int:
+    overrides = _overrides(args)
+    changes = "--set/--block/--blocks/--workers" if overrides or args.block or args.blocks else ""
+
+    def new_config() -> DistillConfig:
         if (args.block is None) != (args.blocks is None):
             raise ConfigError("--block/--blocks: give both (e.g. --block 1 --blocks 5), or neither to use the "
                               "preset's boost.stages")
@@ -205,10 +206,9 @@ def cmd_boost(args: argparse.Namespace) -> int:
             steps = args.steps_per_block if args.steps_per_block is not None else cfg.steps
             cfg.boost.stages = schedule(args.block, args.blocks, args.beta, steps)
             cfg = config_from_dict(config_to_dict(cfg))  # the flags are validated like any field
-        summary = boost(cfg, _default_out(args), progress=not args.quiet, evaluate=not args.no_eval,
-                        budgets=budgets, in_process=args.in_process)
-    print(f"run directory: {summary['run_dir']}  (see: raydistill show {summary['run_dir']})")
-    return 0
+        return cfg
+
+    return _start_or_resume(args, boost, new_config, changes, budgets=_budgets(args.budgets))
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

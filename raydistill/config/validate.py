@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from raydistill.config.checks import at_least, choice, in_range, positive
 from raydistill.config.errors import ConfigError
-from raydistill.config.schema import (AUGMENTATIONS, BASELINES, CPU_KERNELS, EVAL_RECIPES, INIT_MODES,
-                                      META_OPTIMIZERS, NORMS, RAY_MODES, DistillConfig)
+from raydistill.config.schema import (
+    AUGMENTATIONS,
+    BASELINES,
+    CPU_KERNELS,
+    EVAL_RECIPES,
+    INIT_MODES,
+    META_OPTIMIZERS,
+    NORMS,
+    RAY_MODES,
+    DistillConfig,
+)
 
 
 def validate(cfg: DistillConfig) -> None:

@@ -32,9 +32,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
-from raydistill.filesystems import open_root
 from raydistill.config import ConfigError, DataConfig
 from raydistill.data.registry import DataError, RawData, register_dataset
+from raydistill.filesystems import open_root
 
 MANIFEST = "manifest.json"
 FORMAT = "raydistill-prepared"

@@ -31,9 +31,17 @@ from ray.data.datasource import FilenameProvider
 import raydistill
 from raydistill.config import ConfigError, DataConfig
 from raydistill.data.parquet import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, channel_stats, digest, read_shard
-from raydistill.data.sources import (RESIZE, FolderSource, array_rows, check_destination, decode_batch, list_folder,
-                                     select_classes, shard_rows)
 from raydistill.data.registry import DATASETS, resolve_root
+from raydistill.data.sources import (
+    RESIZE,
+    FolderSource,
+    array_rows,
+    check_destination,
+    decode_batch,
+    list_folder,
+    select_classes,
+    shard_rows,
+)
 from raydistill.runtime import connect
 
 _BATCH = 64  # images per map_batches call

@@ -12,15 +12,14 @@ from pathlib import Path
 import torch
 
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.setup import load_checked
 from raydistill.engine.driver import Hooks, distill
 from raydistill.evaluate.results import EvalOptions, run_evaluation
-from raydistill.storage import run_dir as rundir
-from raydistill.storage.store import location
-from raydistill.storage.artifact import BUDGETS_FILE, read_distilled
-from raydistill.storage.atomic import atomic_write_json
 from raydistill.methods.base import IMAGES, SOFT_LABELS
 from raydistill.methods.registry import get_method
+from raydistill.setup import load_checked
+from raydistill.storage import run_dir as rundir
+from raydistill.storage.artifact import BUDGETS_FILE, read_distilled
+from raydistill.storage.atomic import atomic_write_json
 from raydistill.synset.blocks import add_block, cumulative_budgets, stage_config, total_ipc
 from raydistill.synset.synthetic import SyntheticSet
 
@@ -42,20 +41,15 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
     (its hooks' `initial`), and the steps that the hooks' on_validation sees count from the start of the whole
     schedule, not of the stage.
     """
-    run = location(out)  # a local path, or a URI on shared storage (raydistill.storage.store)
-    if resume:
-        cfg = rundir.resumable_config(run)
-        if cfg is None:
-            return {"run_dir": str(run), "finished": True}
+    run, cfg = rundir.open_run(out, cfg, resume)
+    if cfg is None:
+        return {"run_dir": str(run), "finished": True}
     if not cfg.boost.stages:
         raise ConfigError("boost.stages: empty; give --block/--blocks or a boost.stages list in the YAML")
-    if not resume:
-        rundir.check_fresh(run)  # before the data loads: an existing run (or a file) is never written into
     final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
     dataset = load_checked(final_cfg)
     if not resume:
-        run = rundir.prepare(run)
-        rundir.write_config(run, cfg)
+        run = rundir.create(run, cfg)
 
     method = get_method(cfg.method)
     current: SyntheticSet | None = None

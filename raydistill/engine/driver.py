@@ -27,25 +27,25 @@ import ray
 from tqdm import tqdm
 
 from raydistill.config import DistillConfig
-from raydistill.watch.trackers import check_usable
-from raydistill.setup import load_checked
 from raydistill.data.registry import Dataset
 from raydistill.engine.backend import BACKENDS
 from raydistill.engine.cluster import WorkerPlacement, driver_node_strategy, placement_state, worker_resources
 from raydistill.engine.metrics_log import add_missing_step, keep_metrics_up_to, step_record
-from raydistill.evaluate.results import EvalOptions, RunOutcome, finish
 from raydistill.engine.server import ParameterServer
 from raydistill.engine.shared_data import share
-from raydistill.watch.run import RunWatch
 from raydistill.engine.worker import GradientWorker, ValidatorActor, validator_options, worker_options
+from raydistill.evaluate.results import EvalOptions, RunOutcome, finish
+from raydistill.methods.registry import get_method
+from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, connect
+from raydistill.setup import load_checked
 from raydistill.storage import run_dir as rundir
 from raydistill.storage.atomic import append_jsonl
 from raydistill.storage.checkpoint import CheckpointWarning
-from raydistill.watch.progress import progress_bar
-from raydistill.storage.store import check_shared, location, one_line, publish_local_dir
-from raydistill.methods.registry import get_method
-from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, connect
+from raydistill.storage.store import check_shared, one_line, publish_local_dir
 from raydistill.synset.synthetic import SyntheticSet, init_synthetic
+from raydistill.watch.progress import progress_bar
+from raydistill.watch.run import RunWatch
+from raydistill.watch.trackers import check_usable
 
 ValidationHook = Callable[[int, float, float], None]  # (step, val_acc, best val_acc so far)
 
@@ -344,15 +344,11 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
     loop with the server, workers and validator as objects in this process. `hooks` (see Hooks) let tests, Boost-DD
     stages and Tune trials change the actors, the starting set, the placement and what happens after a validation.
     """
-    run = location(out)  # a local path, or a URI on storage every node sees (raydistill.storage.store)
+    run, cfg = rundir.open_run(out, cfg, resume)
+    if cfg is None:
+        return {"run_dir": str(run), "finished": True}
     if not in_process:
         check_shared(run)
-    if resume:
-        cfg = rundir.resumable_config(run)
-        if cfg is None:
-            return {"run_dir": str(run), "finished": True}
-    else:
-        rundir.check_fresh(run)  # raises: an existing run (or a file) is never written into
     dataset = load_checked(cfg)  # data problems surface before anything is created
     check_usable(cfg.trackers)  # the trackers' packages (and a W&B key) are on this machine
     backend = "local" if in_process else "ray"
@@ -364,8 +360,7 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
             placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)
         try:
             if not resume:
-                run = rundir.prepare(run)
-                rundir.write_config(run, cfg)
+                run = rundir.create(run, cfg)
             syn = hooks.initial if hooks.initial is not None else init_synthetic(cfg, dataset, get_method(cfg.method))
             job = Run(cfg, run, syn, backend, dataset, replace(hooks, placement=placement))
         except BaseException:

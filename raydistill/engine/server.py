@@ -16,13 +16,18 @@ import torch
 
 from raydistill.config import DistillConfig
 from raydistill.engine.backend import BACKENDS
+from raydistill.methods.registry import get_method
 from raydistill.storage.atomic import json_default
-from raydistill.storage.checkpoint import CheckpointWarning, arrays_to_state, latest_checkpoint, save_checkpoint, state_to_arrays
+from raydistill.storage.checkpoint import (
+    CheckpointWarning,
+    arrays_to_state,
+    latest_checkpoint,
+    save_checkpoint,
+    state_to_arrays,
+)
 from raydistill.storage.run_dir import CHECKPOINTS
 from raydistill.storage.store import location, one_line
-from raydistill.methods.registry import get_method
 from raydistill.synset.meta_update import MetaOptimizer
-
 
 HARD_LABELS, LR_SCALE = "hard_labels", "example_lr_scale"  # checkpoint keys of the set's fixed parts
 

@@ -22,8 +22,8 @@ from torch import Tensor
 
 from raydistill.config import DistillConfig
 from raydistill.data.registry import Dataset
-from raydistill.evaluate.baselines import RANDOM, coreset
 from raydistill.data.selection import random_real_subset
+from raydistill.evaluate.baselines import RANDOM, coreset
 from raydistill.evaluate.train import Accuracy, NetworkSpec, Progress, network_accuracy, split_of
 
 DISTILLED = "distilled"

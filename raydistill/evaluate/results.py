@@ -14,9 +14,9 @@ from raydistill.config import DistillConfig
 from raydistill.data.registry import Dataset
 from raydistill.evaluate.remote import evaluation_report_on_ray
 from raydistill.evaluate.report import ReportOptions, evaluation_report, format_report, network_count
+from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, resolve_device
 from raydistill.storage import run_dir as rundir
 from raydistill.watch.progress import progress_bar
-from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, resolve_device
 
 
 @dataclass(frozen=True)

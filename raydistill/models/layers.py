@@ -12,8 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from raydistill.compat import (native_group_norm, native_group_norm_backward, slow_conv2d_forward,
-                               under_func_transform)
+from raydistill.compat import native_group_norm, native_group_norm_backward, slow_conv2d_forward, under_func_transform
 from raydistill.models.registry import make_norm
 from raydistill.models.speed import SpeedLayer, kernel_enabled
 from raydistill.models.winograd import winograd_applies, winograd_conv3x3

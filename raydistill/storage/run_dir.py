@@ -13,11 +13,14 @@ import torch
 import yaml
 
 from raydistill import __version__
+from raydistill.config import ConfigError, DistillConfig
+from raydistill.data.registry import Dataset
+from raydistill.setup import config_from_dict, config_to_dict, load_config
 from raydistill.storage.artifact import (
-    ArtifactError,
     DISTILLED_FILE,
     EVAL_FILE,
     METRICS_FILE,
+    ArtifactError,
     DistilledSet,
     read_distilled,
     write_distilled,
@@ -26,9 +29,6 @@ from raydistill.storage.artifact import (
 from raydistill.storage.atomic import atomic_write_json, atomic_write_text
 from raydistill.storage.pictures import grid_images, save_grid
 from raydistill.storage.store import Location, RunPath, location, one_line
-from raydistill.config import ConfigError, DistillConfig
-from raydistill.setup import config_from_dict, config_to_dict, load_config
-from raydistill.data.registry import Dataset
 
 ARTIFACT, METRICS, EVAL = DISTILLED_FILE, METRICS_FILE, EVAL_FILE
 GRID = "grid.png"
@@ -77,14 +77,26 @@ def _check_fresh_remote(path: Location) -> Location:
     return path
 
 
-def prepare(run_dir: str | Path | Location) -> RunPath:
-    """Create a fresh run directory; an existing non-empty one is never written into."""
+def open_run(out: str | Path | Location, cfg: DistillConfig | None, resume: bool) -> tuple[RunPath, DistillConfig | None]:
+    """Where a run lives and its config, before anything is loaded or created: with `resume`, the config the run
+    directory keeps (None when the run already finished: nothing to do); otherwise `cfg`, once `out` is known to
+    hold no run (an existing run, or a file, is never written into)."""
+    run = location(out)  # a local path, or a URI on storage every node sees (raydistill.storage.store)
+    if resume:
+        return run, resumable_config(run)
+    check_fresh(run)
+    return run, cfg
+
+
+def create(run_dir: str | Path | Location, cfg: DistillConfig) -> RunPath:
+    """Create a fresh run directory with its config.yaml; an existing non-empty one is never written into."""
     path = check_fresh(run_dir)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--out: cannot create {path} ({exc.strerror or one_line(exc)}); choose a writable "
                           "location") from None
+    write_config(path, cfg)
     return path
 
 

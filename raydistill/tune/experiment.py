@@ -20,7 +20,6 @@ from ray.tune import ExperimentAnalysis
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.watch.trackers import check_usable, merged
 from raydistill.engine.cluster import worker_resources
 from raydistill.runtime import connect
 from raydistill.storage.atomic import atomic_write_bytes
@@ -28,8 +27,9 @@ from raydistill.storage.store import RunPath, location
 from raydistill.tune.report import params_text, write_outputs
 from raydistill.tune.space import corners, describe_space, make_searcher, planned_trials, search_space
 from raydistill.tune.sweep import RUNG_METRIC, TIME_ATTR, Sweep, load_sweep, total_steps
-from raydistill.watch.tune_trackers import make_callbacks
 from raydistill.tune.trial import run_trial, sample_resources
+from raydistill.watch.trackers import check_usable, merged
+from raydistill.watch.tune_trackers import make_callbacks
 
 SWEEP_RECORD = "sweep.yaml"  # in the experiment folder: the sweep file the experiment was started from
 

@@ -17,12 +17,12 @@ from typing import Any
 import yaml
 
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.setup import config_from_dict
-from raydistill.config.loading import read_preset, set_dotted
-from raydistill.watch.trackers import check_usable
 from raydistill.config.checks import parse_trackers
+from raydistill.config.loading import read_preset, set_dotted
+from raydistill.setup import config_from_dict
 from raydistill.storage.store import check_scheme
 from raydistill.synset.blocks import cumulative_budgets, schedule
+from raydistill.watch.trackers import check_usable
 
 KINDS = ("grid", "choice", "uniform", "loguniform", "randint")
 BOOST_KNOBS = ("block", "blocks", "beta", "steps_per_block")

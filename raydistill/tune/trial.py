@@ -24,13 +24,11 @@ from ray import tune
 
 from raydistill.compat import RAY_TRAIN_STORAGE_LOGGERS
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.setup import config_to_dict
-from raydistill.setup import load_checked
 from raydistill.engine.boost import boost
 from raydistill.engine.cluster import TrialPlacement, worker_bundle
 from raydistill.engine.driver import Hooks, distill
-from raydistill.engine.worker import validate_snapshot
-from raydistill.engine.worker import GradientWorker
+from raydistill.engine.worker import GradientWorker, validate_snapshot
+from raydistill.setup import config_to_dict, load_checked
 from raydistill.storage.artifact import read_distilled
 from raydistill.storage.checkpoint import checkpoint_step, list_checkpoints
 from raydistill.storage.run_dir import ARTIFACT, CHECKPOINTS, stage_dir

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 
 from raydistill.config import ConfigError, DistillConfig
-from raydistill.setup import config_to_dict
-from raydistill.watch.trackers import options, use_wandb_mode
 from raydistill.data.registry import Dataset
+from raydistill.setup import config_to_dict
 from raydistill.storage.pictures import display_grid
 from raydistill.storage.run_dir import resume_command
 from raydistill.storage.store import local_dir
 from raydistill.watch.tensorboard import RunBoard, step_scalars
+from raydistill.watch.trackers import options, use_wandb_mode
 
 DEFAULT_PROJECT = "raydistill"
 

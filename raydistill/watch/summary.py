@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 
 from raydistill.config import DistillConfig
-from raydistill.watch.tensorboard import TENSORBOARD, tensorboard_command
 from raydistill.storage.artifact import BUDGETS_FILE, EVAL_FILE, METRICS_FILE, ArtifactError, read_distilled
 from raydistill.storage.store import Location, RunPath, location, one_line
+from raydistill.watch.tensorboard import TENSORBOARD, tensorboard_command
 
 CONFIG_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)}  # any other section is the method's
 

@@ -17,8 +17,16 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.cafe.config import CafeConfig, validate_section
 from raydistill.methods.cafe.loss import cafe_loss
-from raydistill.methods.matching import (MatchingContext, NetSchedule, episode_position, make_context, resolved_loops,
-                                         train_on_synthetic, validate_common, validate_real_batch)
+from raydistill.methods.matching import (
+    MatchingContext,
+    NetSchedule,
+    episode_position,
+    make_context,
+    resolved_loops,
+    train_on_synthetic,
+    validate_common,
+    validate_real_batch,
+)
 
 
 def cafe_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int) -> tuple[Tensor, float, dict]:

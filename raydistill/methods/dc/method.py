@@ -18,9 +18,17 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dc.config import DcConfig, validate_section
 from raydistill.methods.dc.loss import dc_loss
-from raydistill.methods.matching import (MatchingContext, NetSchedule, episode_position, freeze_batchnorm,
-                                         make_context, resolved_loops, train_on_synthetic, validate_common,
-                                         validate_real_batch)
+from raydistill.methods.matching import (
+    MatchingContext,
+    NetSchedule,
+    episode_position,
+    freeze_batchnorm,
+    make_context,
+    resolved_loops,
+    train_on_synthetic,
+    validate_common,
+    validate_real_batch,
+)
 
 
 def dc_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int,

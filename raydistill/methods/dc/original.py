@@ -13,11 +13,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from raydistill.methods.base import seeded_network
 from raydistill.methods.dc.config import DcConfig
 from raydistill.methods.dc.loss import dc_loss
-from raydistill.methods.base import seeded_network
-from raydistill.methods.matching import (MatchingContext, NetSchedule, freeze_batchnorm, resolved_loops,
-                                         train_on_synthetic)
+from raydistill.methods.matching import (
+    MatchingContext,
+    NetSchedule,
+    freeze_batchnorm,
+    resolved_loops,
+    train_on_synthetic,
+)
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,7 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dm.config import DmConfig, validate_section
 from raydistill.methods.dm.loss import dm_loss
-from raydistill.methods.matching import (MatchingContext, make_context, validate_common,
-                                         validate_real_batch)
+from raydistill.methods.matching import MatchingContext, make_context, validate_common, validate_real_batch
 
 
 def dm_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int) -> tuple[Tensor, float]:

@@ -22,13 +22,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from raydistill.config.schema import AugmentConfig
 from raydistill.data.augment import augment
 from raydistill.data.selection import class_index
-from raydistill.config.schema import AugmentConfig
 from raydistill.methods.base import ModelFactory, seeded_network
-from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.checkpointed import checkpointed_window_gradient, segment_lengths
 from raydistill.methods.ratbptt.compiled import compiled_loss
+from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerState, make_inner_optimizer
 from raydistill.models.layers import set_conv_channels_last
 from raydistill.models.losses import soft_cross_entropy

@@ -8,8 +8,7 @@ import numpy as np
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import (IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, WorkerResources,
-                                     task_seed)
+from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, WorkerResources, task_seed
 from raydistill.methods.ratbptt.batched import batched_meta_gradient
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
