@@ -140,5 +140,5 @@ class DistillConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     boost: BoostConfig = field(default_factory=BoostConfig)
-    trackers: list[Any] = field(default_factory=list)  # mlflow / wandb / tensorboard entries (config/trackers.py)
+    trackers: list[Any] = field(default_factory=list)  # mlflow / wandb / tensorboard entries (raydistill.watch.trackers)
     method_config: Any = None  # the method's own section (its dataclass), filled in by raydistill.config.loading

@@ -1,6 +1,6 @@
 """Real-image baselines of the same size as the distilled set: a random subset, and the herding and k-center coresets.
 
-A baseline is what distillation must beat; DESIGN.md section 6 counts coresets as baselines, not methods. Every
+A baseline is what distillation must beat; coresets are baselines here, not distillation methods. Every
 selection takes `ipc` distinct training images per class, class-major, and is deterministic given its seed.
 """
 

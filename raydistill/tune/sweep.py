@@ -54,7 +54,7 @@ class Sweep:
     max_failures: int = 2
     storage: str = "runs/tune"
     boost: dict | None = None  # {block, blocks, beta, steps_per_block, budgets}: every trial is a Boost-DD run
-    trackers: list[dict] = dataclasses.field(default_factory=list)  # Tune logger callbacks (config/trackers.py)
+    trackers: list[dict] = dataclasses.field(default_factory=list)  # Tune logger callbacks (raydistill.watch.tune_trackers)
     source: str = ""
 
     @property

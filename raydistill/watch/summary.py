@@ -23,7 +23,7 @@ def _fmt(value: Any) -> str:
 
 
 def _accuracy(entry: dict) -> str:
-    return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.eval.evaluate)
+    return f"{entry['mean']:.1f} +- {entry['std']:.1f} %"  # eval.json holds percentages (raydistill.evaluate.report)
 
 
 def _eval_lines(path: RunPath) -> list[str]:
