@@ -80,7 +80,7 @@ def gpu_share(steps: int, warmup: int, data_root: str | None) -> dict:
 class NullWorker:
     """Reads the snapshot like a real worker and returns a gradient of its size, computing nothing."""
 
-    def compute(self, shared, snapshot: list, step: int, slot: int) -> dict:
+    def compute(self, data, snapshot: list, step: int, slot: int) -> dict:
         began = time.perf_counter()
         snap = ray.get(snapshot[0])
         grad = np.full_like(snap["learnables"]["images"], 1e-3 * (slot + 1))

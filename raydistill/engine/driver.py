@@ -41,7 +41,7 @@ from raydistill.setup import load_checked
 from raydistill.storage import run_dir as rundir
 from raydistill.storage.atomic import append_jsonl
 from raydistill.storage.checkpoint import CheckpointWarning
-from raydistill.storage.store import check_shared, one_line, publish_local_dir
+from raydistill.storage.store import check_shared, location, one_line, publish_local_dir
 from raydistill.synset.synthetic import SyntheticSet, init_synthetic
 from raydistill.watch.progress import progress_bar
 from raydistill.watch.run import RunWatch
@@ -96,9 +96,8 @@ class Run:
             hooks.server_cls, dict(num_cpus=0, max_restarts=-1, max_task_retries=-1,
                              scheduling_strategy=driver_node_strategy()) if on_ray else {},
             cfg, str(run), backend)
-        self.backend.get(self.ps.start.remote(  # a failed step-0 checkpoint is written again by flush_checkpoint
-            syn.arrays(), syn.hard_labels.numpy(), None if syn.lr_scale is None else syn.lr_scale.numpy()))
-        self.shared = share(dataset, cfg, self.backend)  # the real data: one uint8 copy per node, read in place
+        # The real data: one uint8 copy per node, read in place; every task carries the one ref to its refs.
+        self.data = self.backend.reference(share(dataset, cfg, self.backend))
         self.workers = [
             self.backend.actor(hooks.worker_cls, worker_options(cfg, placement.options(i)) if on_ray else {},
                                cfg, backend)
@@ -108,6 +107,8 @@ class Run:
         if cfg.eval.every:
             options = validator_options(validator_gets_gpu(cfg), cfg.ray.reuse_memory) if on_ray else {}  # no Ray
             self.validator = self.backend.actor(ValidatorActor, options, cfg, backend)
+        self.backend.get(self.ps.start.remote(  # a failed step-0 checkpoint is written again by flush_checkpoint
+            syn.arrays(), syn.hard_labels.numpy(), None if syn.lr_scale is None else syn.lr_scale.numpy()))
         self.pending: dict = {}  # validation ref -> (step, snapshot ref owned by the driver)
         self.failures = 0
         self.notes_shown: set[str] = set()
@@ -183,7 +184,7 @@ class Run:
             # Owned by the driver: it survives a server restart.
             current = snapshot_for_validation(self.backend.get(self.ps.current.remote()))
             snapshot = self.backend.put(current)
-            self.pending[self.validator.validate.remote(snapshot, self.shared)] = (step, snapshot)
+            self.pending[self.validator.validate.remote(snapshot, self.data)] = (step, snapshot)
             self.watch.images(step, current)
 
     def collect_validations(self, wait: bool = False) -> list[tuple[int, float]]:
@@ -255,7 +256,7 @@ class Run:
             try:
                 snap = self.backend.get(self.ps.snapshot.remote())
                 step = snap["step"]
-                grads = [w.compute.remote(self.shared, snap["ref"], step, slot) for slot, w in enumerate(self.workers)]
+                grads = [w.compute.remote(self.data, snap["ref"], step, slot) for slot, w in enumerate(self.workers)]
                 # Gradients go from the workers straight to the server; the driver only waits for the outcome.
                 report = self.wait(self.ps.apply_sync.remote(step, *grads))
                 if not report["accepted"]:  # the server restarted from a checkpoint: carry on from its step
@@ -283,7 +284,7 @@ class Run:
         def submit(slot: int) -> None:
             nonlocal task
             snap = self.backend.get(self.ps.snapshot.remote())
-            inflight[self.workers[slot].compute.remote(self.shared, snap["ref"], task, slot)] = slot
+            inflight[self.workers[slot].compute.remote(self.data, snap["ref"], task, slot)] = slot
             task += 1
 
         for slot in range(len(self.workers)):
@@ -344,11 +345,11 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
     loop with the server, workers and validator as objects in this process. `hooks` (see Hooks) let tests, Boost-DD
     stages and Tune trials change the actors, the starting set, the placement and what happens after a validation.
     """
+    if not in_process:
+        check_shared(location(out))  # every node must see the run directory: first, whatever else is wrong
     run, cfg = rundir.open_run(out, cfg, resume)
     if cfg is None:
         return {"run_dir": str(run), "finished": True}
-    if not in_process:
-        check_shared(run)
     dataset = load_checked(cfg)  # data problems surface before anything is created
     check_usable(cfg.trackers)  # the trackers' packages (and a W&B key) are on this machine
     backend = "local" if in_process else "ray"

@@ -55,8 +55,8 @@ def worker_options(cfg: DistillConfig, placement: dict) -> dict:
 
 
 class GradientWorker:
-    """Constructed from the checked config alone (a worker never reads data.root); the run's real data, refs into
-    the object store that the driver holds, comes with every task. So a worker that Ray restarts needs no
+    """Constructed from the checked config alone (a worker never reads data.root); a ref to the run's real data,
+    which the driver holds, comes with every task. So a worker that Ray restarts needs no
     constructor argument in the object store, which the driver may no longer hold (ray-project/ray#53727)."""
 
     def __init__(self, cfg: DistillConfig, backend: str):
@@ -81,10 +81,12 @@ class GradientWorker:
             resources = held_resources(self.cfg, held, self.dataset_info, self.method.needs, self.device)
             self.context = self.method.setup(self.cfg, resources)
 
-    def compute(self, shared: SharedData, snapshot: list, step: int, slot: int) -> dict:
-        """One gradient on the snapshot `snapshot[0]` for (step, slot), on the real data `shared`."""
+    def compute(self, data: list, snapshot: list, step: int, slot: int) -> dict:
+        """One gradient on the snapshot `snapshot[0]` for (step, slot), on the real data whose SharedData is
+        `data[0]` (read only at the first task, and at the first after a restart)."""
         began = time.perf_counter()
-        self.attach(shared)
+        if self.data is None:
+            self.attach(self.backend.get(data[0]))
         self.hold(step, slot)
         snap = self.backend.get(snapshot[0])
         learnables = {k: as_tensor(v, self.device) for k, v in snap["learnables"].items()}
@@ -138,12 +140,14 @@ class ValidatorActor:
         self.device = compute_device(cfg, on_ray=backend == "ray")
         self.validator: Validator | None = None  # set up at the first call (and the first after a restart)
 
-    def validate(self, snapshot: dict, shared: SharedData | None = None) -> float:
-        """Validation accuracy of `snapshot`, on the validation split in `shared` (or loaded here without one)."""
+    def validate(self, snapshot: dict, data: list | None = None) -> float:
+        """Validation accuracy of `snapshot`, on the validation split of the SharedData `data[0]` (or loaded here
+        without one)."""
         if self.validator is None:
-            if shared is None:
+            if data is None:
                 dataset = load_dataset(self.cfg.data)
             else:
+                shared = self.backend.get(data[0])
                 val_x, val_y = validation_split(shared, self.backend, self.device)
                 empty, no_labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
                 dataset = Dataset(shared.name, empty, no_labels, val_x, val_y, empty, no_labels,

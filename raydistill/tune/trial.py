@@ -28,7 +28,7 @@ from raydistill.engine.boost import boost
 from raydistill.engine.cluster import TrialPlacement, worker_bundle
 from raydistill.engine.driver import Hooks, distill
 from raydistill.engine.worker import GradientWorker, validate_snapshot
-from raydistill.setup import config_to_dict, load_checked
+from raydistill.setup import load_checked
 from raydistill.storage.artifact import read_distilled
 from raydistill.storage.checkpoint import checkpoint_step, list_checkpoints
 from raydistill.storage.run_dir import ARTIFACT, CHECKPOINTS, stage_dir
@@ -143,7 +143,7 @@ def budget_accuracies(run: Path, cfg: DistillConfig, budgets: list[int], placeme
         snapshot = {"images": part.images.numpy(), "hard_labels": part.labels.numpy(),
                     "soft_labels": None if part.soft_labels is None else part.soft_labels.numpy()}
         refs.append(task.options(max_retries=3, **placement.options(i % len(placement.bundles))).remote(
-            config_to_dict(dataclasses.replace(cfg, ipc=k)), snapshot))
+            dataclasses.replace(cfg, ipc=k), snapshot))
     accs = {f"val_acc@{k}": float(a) for k, a in zip(budgets, ray.get(refs))}
     accs["val_acc_mean"] = float(np.mean(list(accs.values())))
     return accs
