@@ -4,7 +4,7 @@ the meta-step time on the prepared Parquet set against the same images read in m
     python benchmarks/bench_prepare.py                    # builds the stand-ins under /tmp/raydistill-bench if missing
     python benchmarks/bench_prepare.py --skip prepare runs       # only the meta-step comparison
 
-The stand-in is Fashion-MNIST as a JPEG folder at 128 px RGB (benchmarks/make_fmnist_folder.py): 60k training and
+The stand-in is Fashion-MNIST as a JPEG folder at 128 px RGB (scripts/make_fmnist_folder.py): 60k training and
 10k val images in 10 classes, ImageNette's class count and resolution at six times its size.
 
 1. prepare: `raydistill prepare ROOT --out DEST --image-size 128` on the full stand-in, `--repeats` times into fresh
@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-MAKE_FOLDER = REPO / "benchmarks" / "make_fmnist_folder.py"
+MAKE_FOLDER = REPO / "scripts" / "make_fmnist_folder.py"
 RAYDISTILL = [sys.executable, "-m", "raydistill.cli"]
 
 TINY = """ipc: 1

@@ -13,9 +13,9 @@ It needs `higher` (pip install -e '.[bench]'). With --strict the exit status is 
 not 1.5x faster than the reference on some config, or a prefix-memory ratio above 1.15); without it the targets are
 only reported (`make bench` runs the other benchmarks after this one).
 
-Variants, all computing the same meta-gradient of the same inputs (tests/test_reference_gradient.py checks it),
+Variants, all computing the same meta-gradient of the same inputs (tests/unit/test_reference_gradient.py checks it),
 except bf16:
-- `reference`: benchmarks/reference_higher.py, the official algorithm (torch.optim.Adam prefix that back-propagates
+- `reference`: tests/helpers/reference_higher.py, the official algorithm (torch.optim.Adam prefix that back-propagates
   into the synthetic images, higher.innerloop_ctx window), plain nn.GroupNorm, NCHW, glibc's default allocator: the
   official code as it runs;
 - `reference+reuse`: the same in a process with raydistill's allocator setting (raydistill.runtime.MALLOC_TUNABLES,
@@ -29,7 +29,8 @@ except bf16:
 - `reuse`: `before` in a process with the allocator setting;
 - `segments`: `fused_norm` with `ratbptt.window_segments` = round(sqrt(W)) (activation checkpointing of the window),
   so that its time and peak memory compare with `fused_norm`'s;
-- `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99, tests/test_window_options.py);
+- `bf16`: raydistill with `ratbptt.precision: bf16` (not the same gradient: cosine > 0.99,
+  tests/unit/test_window_options.py);
 - `raydistill`: raydistill as its Ray workers run it by default: the CPU speed layers `model.cpu_kernels` (default
   auto, or --cpu-kernels) picks on this machine (on AVX2: Winograd and im2col convolutions, the fused norm, the fast
   pool), in a process with the allocator setting;
@@ -58,8 +59,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_higher import official_network, reference_meta_gradient  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the reference is a test helper
+from helpers.reference_higher import official_network, reference_meta_gradient  # noqa: E402
 
 from raydistill.config.schema import CPU_KERNELS  # noqa: E402
 from raydistill.setup import load_config  # noqa: E402

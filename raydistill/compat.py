@@ -63,7 +63,7 @@ INTERNALS: dict[str, Internal] = {entry.name: entry for entry in (
     Internal("ray.train._internal storage loggers", "ray",
              "to quiet Tune's per-report checkpoint notices in every trial (raydistill.tune.trial)"),
     Internal("ray._private.node.Node / ray._private.parameter.RayParams", "ray",
-             "in the tests, to start a second Ray node on 127.0.0.1 (ray_node_classes, tests/test_job_submit.py)"),
+             "in the tests, to start a second Ray node on 127.0.0.1 (ray_node_classes, tests/e2e/test_job_submit.py)"),
     Internal("ray._private.utils.get_dashboard_dependency_error", "ray",
              "in the tests, to say which dashboard dependency is missing (dashboard_dependency_error)"),
     Internal("ray.autoscaler._private.util.prepare_config / validate_config", "ray",

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A GPU self-check: run it on your own card to see that raydistill's CUDA paths work there and what they measure.
 #
-#     bash benchmarks/gpu_selfcheck.sh OUTDIR            # from the checkout, with raydistill's dependencies installed
+#     bash scripts/gpu_selfcheck.sh OUTDIR               # from the checkout, with raydistill's dependencies installed
 #
 # What it checks and prints, stage by stage (STAGES picks others; the default runs them all, in this order):
 #   tests           the tests that only run with CUDA (skipped on CPU-only machines); log in OUTDIR/gpu_tests.log
@@ -16,12 +16,12 @@
 # exits 0 when every stage passed.
 #
 # On a GPU node without internet access, build the bundle first on a machine that has it
-# (python benchmarks/offline_bundle.py writes .whl/: wheels, Ray as a tarball, a Fashion-MNIST head; about 29 MiB)
+# (python scripts/offline_bundle.py writes .whl/: wheels, Ray as a tarball, a Fashion-MNIST head; about 29 MiB)
 # and copy the checkout with .whl/ to the node: this script installs the bundle into /tmp/site before it starts.
 # DEVICE=cpu STAGES="step:quickstart share" REPEATS=1 runs the same steps on a CPU (share on a logical GPU): a check
 # of this script, not a figure. PYTHON picks the interpreter (default python3), REPEATS the rounds per step (5).
 set -u -o pipefail
-out=${1:?usage: bash benchmarks/gpu_selfcheck.sh OUTDIR}
+out=${1:?usage: bash scripts/gpu_selfcheck.sh OUTDIR}
 device=${DEVICE:-cuda}
 stages=${STAGES:-tests step:quickstart share step:ipc1 step:cifar100 step:ipc10}
 repeats=${REPEATS:-5}
@@ -49,9 +49,9 @@ for stage in $stages; do
     echo "== $stage on $device ($(date -u +%T))" | tee -a "$out/gpu_selfcheck.log"
     case $stage in
     tests)  # the tests that only run with CUDA (skipped on CPU machines, CI included; the files import no Ray)
-        mapfile -t files < <(find tests -name test_samples_per_task.py -o -name test_augment.py | sort)
+        mapfile -t files < <(find tests/unit -name test_samples_per_task.py -o -name test_augment.py | sort)
         if [ ${#files[@]} -eq 0 ]; then
-            echo "gpu_selfcheck: tests skipped, no test_samples_per_task.py or test_augment.py under tests/" \
+            echo "gpu_selfcheck: tests skipped, no test_samples_per_task.py or test_augment.py under tests/unit/" \
                 | tee -a "$out/gpu_selfcheck.log"
             status=1
             continue
@@ -65,7 +65,7 @@ for stage in $stages; do
             | grep -v '^{' | tee -a "$out/gpu_selfcheck.log" || status=1 ;;
     share)
         if ! "$py" -c "import ray" 2>/dev/null; then
-            echo "gpu_selfcheck: share skipped, no Ray here (install ray, or bundle it with benchmarks/offline_bundle.py)" \
+            echo "gpu_selfcheck: share skipped, no Ray here (install ray, or bundle it with scripts/offline_bundle.py)" \
                 | tee -a "$out/gpu_selfcheck.log"
             status=1
             continue

@@ -1,7 +1,7 @@
 """Build the ImageNet stand-in: Fashion-MNIST as a JPEG image folder at 128 px RGB (no ImageNet on this machine).
 
-    python benchmarks/make_fmnist_folder.py --out /tmp/fmnist128                       # 60k + 10k images, 128 px
-    python benchmarks/make_fmnist_folder.py --out /tmp/fm-small --per-class 20 --size 32   # a small one for tests
+    python scripts/make_fmnist_folder.py --out /tmp/fmnist128                       # 60k + 10k images, 128 px
+    python scripts/make_fmnist_folder.py --out /tmp/fm-small --per-class 20 --size 32   # a small one for tests
 
 It writes the ImageNet layout that `raydistill prepare` and `data.name: imagefolder` read:
 

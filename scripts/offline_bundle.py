@@ -1,8 +1,8 @@
-"""Bundle what benchmarks/gpu_selfcheck.sh needs for a GPU node without internet access, into .whl/.
+"""Bundle what scripts/gpu_selfcheck.sh needs for a GPU node without internet access, into .whl/.
 
-    python benchmarks/offline_bundle.py                # on a machine with internet and this checkout installed
-    rsync -a ./ gpu-node:raydistill/                   # the checkout, .whl/ included, onto the GPU node
-    bash benchmarks/gpu_selfcheck.sh OUTDIR            # on the GPU node, from the checkout
+    python scripts/offline_bundle.py                 # on a machine with internet and this checkout installed
+    rsync -a ./ gpu-node:raydistill/                 # the checkout, .whl/ included, onto the GPU node
+    bash scripts/gpu_selfcheck.sh OUTDIR             # on the GPU node, from the checkout
 
 For an air-gapped GPU node that has Python (3.12 by default, --python to change) with CUDA torch, pyarrow, pandas,
 aiohttp and requests, but not Ray, `higher`, tensorboardX, jsonschema or Fashion-MNIST. The bundle holds the wheels

@@ -1,26 +1,37 @@
-"""One Ray instance for the whole test session (ray.init costs ~5 s and ~0.7 GB), started on first use."""
+"""Fixtures, and the tier of every test: the folder a test file is in (unit/, integration/, e2e/) is its marker.
+
+One Ray instance for the whole test session (ray.init costs ~5 s and ~0.7 GB), started on first use. Helpers that
+test files share are in helpers/ (`from helpers import ...`), never in this file.
+"""
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 
 from raydistill.compat import loopback_init_kwargs
-from raydistill.methods.base import Learnable
-from raydistill.synset.meta_update import MetaOptimizer
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Tests bind every Ray to 127.0.0.1; this keeps Ray from "resolving" a loopback address to the machine's own IP when
 # a subprocess joins the session's Ray (it does that only where multi-node clusters are enabled).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-# Ray's worker processes import plug-in methods defined in this folder (toy_method.py) by name, as a cluster's
-# nodes would import an installed package.
+# Ray's worker processes import plug-in methods defined under this folder (helpers.toy_method) by name, as a
+# cluster's nodes would import an installed package.
 TESTS = os.path.dirname(os.path.abspath(__file__))
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
 
-FASHION = "/usr/share/datasets/fashion-mnist"
-needs_fashion = pytest.mark.skipif(not os.path.isdir(FASHION), reason="needs dataset-fashion-mnist")
+TIERS = ("unit", "integration", "e2e")
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    here = Path(__file__).resolve().parent
+    for item in items:
+        parts = Path(item.path).resolve().relative_to(here).parts
+        if len(parts) > 1 and parts[0] in TIERS:
+            item.add_marker(parts[0])
 
 
 @pytest.fixture(scope="session")
@@ -33,14 +44,26 @@ def ray_session():
     ray.shutdown()
 
 
-def make_meta(images, soft, cfg):
-    """A MetaOptimizer over the standard learnables: images, and soft labels when given."""
-    tensors, specs = {"images": images}, {"images": Learnable()}
-    if soft is not None:
-        tensors["soft_labels"], specs["soft_labels"] = soft, Learnable(lr_scale=cfg.label_lr_scale, clamp_min=0.0)
-    return MetaOptimizer(tensors, specs, cfg)
+@pytest.fixture(scope="module")
+def fashion():
+    """Fashion-MNIST with its training and test splits cut short, so every network and coreset is quick. (Test files
+    that need the whole data set define a `fashion` fixture of their own.)"""
+    import dataclasses
+
+    from helpers import eval_config
+    from raydistill.data.registry import load_dataset
+
+    full = load_dataset(eval_config().data)
+    return dataclasses.replace(full, train_x=full.train_x[:3000], train_y=full.train_y[:3000],
+                               test_x=full.test_x[:500], test_y=full.test_y[:500])
 
 
-def named(g, gl=None):
-    """Gradients by learnable name, as MetaOptimizer.step takes them."""
-    return {"images": g} if gl is None else {"images": g, "soft_labels": gl}
+@pytest.fixture
+def one_thread():
+    """Numbers on CPU depend on the torch thread count: compare runs at the count the Ray tasks use."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

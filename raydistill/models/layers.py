@@ -40,7 +40,7 @@ class _InstanceNormBackward(torch.autograd.Function):
 
     Every map above is affine in (gy, x, u) with per-(sample, channel) coefficients, so each output is one or two
     fused elementwise passes after a few spatial sums, instead of autograd's composite double backward of group norm.
-    The value and the first derivative come from the native group-norm kernels. `tests/test_models.py` checks both
+    The value and the first derivative come from the native group-norm kernels. `tests/unit/test_models.py` checks both
     derivatives with gradcheck and gradgradcheck in float64.
     """
 
@@ -173,7 +173,7 @@ class _AvgUnpool2x2(torch.autograd.Function):
 class AvgPool2x2(SpeedLayer, nn.AvgPool2d):
     """`nn.AvgPool2d(2)` (same module type, no state) on the faster `_pool2x2` path for 4-D inputs of even size;
     other inputs (odd sizes, which the pool floors), and every input with the `avg_pool` speed layer off
-    (raydistill.models.speed), go to the native kernel. `tests/test_models.py` checks value and derivatives against
+    (raydistill.models.speed), go to the native kernel. `tests/unit/test_models.py` checks value and derivatives against
     avg_pool2d, and gradcheck / gradgradcheck in float64."""
 
     def __init__(self):
@@ -198,7 +198,8 @@ class Conv2d(SpeedLayer, nn.Conv2d):
 
     Derivatives of every order exist on both. Other inputs (GPUs; autocast; torch.func transforms, which have no
     batching rule for either) take the native path, as does each path whose speed layer (`winograd`, `im2col`) is
-    off (raydistill.models.speed). `tests/test_models.py` and `tests/test_winograd.py` check values and derivatives."""
+    off (raydistill.models.speed). `tests/unit/test_models.py` and `tests/unit/test_winograd.py` check values and
+    derivatives."""
 
     def _conv_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if kernel_enabled(self, "winograd") and not under_func_transform() and winograd_applies(x, self):

@@ -11,7 +11,7 @@ The layers (raydistill.models.layers) that replace a PyTorch kernel by a faster 
 - `avg_pool`: 2x2 average pooling by adding contiguous halves, against the CPU avg_pool2d kernel.
 
 Each computes the same function as the op it replaces (up to the order of float additions); `all` and `none` give
-meta-gradients equal to float rounding (tests/test_models.py). The setting belongs to a network: every speed layer
+meta-gradients equal to float rounding (tests/unit/test_models.py). The setting belongs to a network: every speed layer
 is a `SpeedLayer`, which asks `kernel_enabled(self, name)` on each call, and `set_cpu_kernels(network, mode)` sets
 them all (`ConvNormReLU.conv_channels_last` works the same way). `raydistill.models.registry.build_network`, which
 builds every network that computes from a config (the inner loop's in the gradient workers, the validator's, the

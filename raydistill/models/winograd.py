@@ -18,7 +18,7 @@ The value is the convolution's up to float rounding, as accurate as a direct ker
 of error against float64: 5e-7 of the largest output at the inner loop's shape, where oneDNN's direct kernel gave
 1.3e-6 on AVX2 and 2.2e-7 on AVX-512): the transforms' coefficients are 0, +-1 and +-1/2. The larger F(4x4, 3x3)
 (four times fewer multiply-adds) was faster still but made the float32 meta-gradient about 5x less accurate against
-float64 (median over seeds, benchmarks/README.md), so it is not used. `tests/test_winograd.py` checks values,
+float64 (median over seeds, benchmarks/README.md), so it is not used. `tests/unit/test_winograd.py` checks values,
 derivatives (gradcheck and gradgradcheck in float64) and the float32 accuracy of the convolution and of the
 meta-gradient against float64.
 """

@@ -28,6 +28,7 @@ def run(ray_session, tmp_path_factory):
     return out
 
 
+@pytest.mark.smoke  # `make test`: the quickstart through the CLI on Ray, evaluation included
 def test_run_directory_is_complete(run):
     for name in ("distilled.parquet", "metrics.jsonl", "eval.json", "grid.png", "config.yaml"):
         assert (run / name).is_file(), name
@@ -104,24 +105,3 @@ def test_an_existing_run_is_never_overwritten(run, capsys):
     assert main(["distill", *sets(TINY), "--out", str(run), "--quiet"]) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
     assert contents() == before
-
-
-def test_presets_command_lists_quickstart(capsys):
-    assert main(["presets"]) == 0
-    assert "quickstart" in capsys.readouterr().out
-
-
-def test_grid_puts_one_class_per_column():
-    import torch
-
-    from raydistill.storage.pictures import grid_order
-
-    labels = torch.tensor([0, 0, 1, 1, 2, 2])
-    assert labels[grid_order(labels)].tolist() == [0, 1, 2, 0, 1, 2]
-
-
-def test_in_process_with_an_address_is_refused_before_anything_starts(tmp_path, capsys):
-    out = tmp_path / "never"
-    assert main(["distill", "--in-process", "--address", "auto", "--out", str(out)]) == 2
-    assert "--in-process: runs without Ray" in capsys.readouterr().err
-    assert not out.exists()

@@ -1,7 +1,7 @@
 """End to end on a real (local) Ray cluster: `ray start --head`, a second node, `ray job submit` of a distillation
 that reads a prepared Parquet set, then the job's status and the artifact it wrote.
 
-The stand-in data are a small JPEG folder made from Fashion-MNIST (benchmarks/make_fmnist_folder.py), prepared with
+The stand-in data are a small JPEG folder made from Fashion-MNIST (scripts/make_fmnist_folder.py), prepared with
 `raydistill prepare` on the cluster itself. Everything binds to 127.0.0.1, in a temp dir and on ports of its own, so
 it never meets the session's Ray (tests/conftest.py) or anyone else's. It is stopped by process tree, not with
 `ray stop`: `ray stop` kills every Ray process on the machine, whoever started it.
@@ -30,13 +30,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FASHION, needs_fashion
+from helpers import FASHION, REPO, needs_fashion
 from raydistill.compat import dashboard_dependency_error
 
 pytestmark = [pytest.mark.slow, needs_fashion]
 
-ROOT = Path(__file__).resolve().parent.parent
-MAKE_FOLDER = ROOT / "benchmarks" / "make_fmnist_folder.py"
+MAKE_FOLDER = REPO / "scripts" / "make_fmnist_folder.py"
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 RAYDISTILL = [sys.executable, "-m", "raydistill.cli"]
 JOB_TIMEOUT_S = 240

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import needs_fashion
+from helpers import needs_fashion
 
 from raydistill.cli import main
 from raydistill.setup import config_from_dict
@@ -93,12 +93,12 @@ class DiesOnce(GradientWorker):
 
     marker = ""
 
-    def compute(self, shared, snapshot, step, slot):
+    def compute(self, data, snapshot, step, slot):
         marker = Path(self.marker)
         if step == 1 and slot == 1 and not marker.exists():
             marker.write_text("died")
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute(shared, snapshot, step, slot)
+        return super().compute(data, snapshot, step, slot)
 
 
 def test_a_killed_dsa_worker_leaves_exactly_one_record_per_step(ray_session, tmp_path, monkeypatch):

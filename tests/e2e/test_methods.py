@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import yaml
-from conftest import needs_fashion
+from helpers import needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
@@ -20,8 +20,8 @@ from raydistill.tune import run_sweep
 pytestmark = needs_fashion
 
 TOY = {
-    "method": "toy_method:ToyMean", "toy_mean": {"real_batch": 128}, "ipc": 1, "steps": 6, "init": {"mode": "noise"},
-    "meta": {"lr": 0.05}, "labels": {"learn": False}, "data": {"val_size": 200},
+    "method": "helpers.toy_method:ToyMean", "toy_mean": {"real_batch": 128}, "ipc": 1, "steps": 6,
+    "init": {"mode": "noise"}, "meta": {"lr": 0.05}, "labels": {"learn": False}, "data": {"val_size": 200},
     "model": {"width": 8}, "eval": {"every": 3, "val_models": 1, "val_steps": 5, "steps": 5, "num_models": 1},
     "ray": {"workers": 1, "cpus_per_worker": 1, "checkpoint_every": 3},
 }
@@ -49,6 +49,7 @@ def test_a_method_names_its_own_section_and_validates_it(toy_preset):
         load_config(str(toy_preset), ["method=nope"])
 
 
+@pytest.mark.smoke  # `make test`: a plug-in method that Ray's workers import by name, through the CLI
 def test_a_toy_method_distils_through_the_cli_on_ray(ray_session, toy_preset, tmp_path):
     out = tmp_path / "run"
     assert main(["distill", "--preset", str(toy_preset), "--out", str(out), "--quiet", "--no-eval"]) == 0
@@ -56,7 +57,7 @@ def test_a_toy_method_distils_through_the_cli_on_ray(ray_session, toy_preset, tm
     assert [r["step"] for r in steps] == list(range(1, 7))
     assert steps[-1]["meta_loss"] < steps[0]["meta_loss"]  # its own loss goes down
     assert steps[0]["stats"] == [{"classes": 10}]  # the method's statistics, logged as they are
-    assert read_distilled(out / "distilled.parquet").metadata["method"] == "toy_method:ToyMean"
+    assert read_distilled(out / "distilled.parquet").metadata["method"] == "helpers.toy_method:ToyMean"
     # Worker-side state is carried by the server and checkpointed: one task per step on slot 0.
     _, arrays, meta = latest_checkpoint(out / "checkpoints")
     assert meta["step"] == 6 and int(np.asarray(arrays["slot.0.tasks"])[0]) == 6

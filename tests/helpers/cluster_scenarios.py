@@ -1,4 +1,5 @@
-"""Simulated multi-node Ray clusters for tests/test_cluster.py: `python tests/cluster_scenarios.py SCENARIO OUTDIR`.
+"""Simulated multi-node Ray clusters for tests/integration/test_cluster.py and test_shared_storage_cluster.py:
+`python tests/helpers/cluster_scenarios.py SCENARIO OUTDIR`.
 
 Each scenario builds a `ray.cluster_utils.Cluster` (several raylets on this machine), connects to it, runs a tiny
 distillation and writes what it saw to OUTDIR/result.json ({"error": traceback} when something raised); the cluster is

@@ -1,4 +1,5 @@
-"""A driver for tests/test_watching.py: `raydistill distill` as a Ray job would run it, one worker killed mid-run.
+"""A driver for tests/integration/test_watching_on_ray.py: `raydistill distill` as a Ray job would run it, one
+worker killed mid-run.
 
 Usage: python log_scenario.py RUN_DIR (joins RAY_ADDRESS; the output goes wherever the test sends it).
 """
@@ -22,12 +23,12 @@ def marker(seed: int) -> Path:
 class DiesAtStep3(GradientWorker):
     """Slot 1 kills its own process the first time it reaches step 3."""
 
-    def compute(self, shared, snapshot, step, slot):
+    def compute(self, data, snapshot, step, slot):
         died = marker(self.cfg.seed)
         if step == 3 and slot == 1 and not died.exists():
             died.write_text("died")
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().compute(shared, snapshot, step, slot)
+        return super().compute(data, snapshot, step, slot)
 
 
 if __name__ == "__main__":

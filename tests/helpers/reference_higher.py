@@ -1,4 +1,4 @@
-"""Benchmark-only reference: one RaT-BPTT meta-gradient the way the official implementation computes it.
+"""The reference: one RaT-BPTT meta-gradient the way the official implementation computes it.
 
 The official code (Feng, Vedantam & Kempe, ICLR 2024) trains a fresh network with `torch.optim.Adam` for the steps
 before the window, calling `loss.backward()` on a loss built from the synthetic images themselves (an `nn.Embedding`
@@ -11,11 +11,11 @@ This module reproduces that computation with `higher` (the `bench` extra) on a p
 norm is `nn.GroupNorm(c, c)`, in the default (NCHW) layout. It draws its randomness exactly as
 `raydistill.methods.ratbptt.meta_gradient` does (window, network init, synthetic minibatches, augmentation, real
 batch, all from one generator seeded by the caller), so the two compute the same function of the same inputs:
-`tests/test_reference_gradient.py` checks it in float64. One deliberate difference from `higher` 0.2.1:
-its DifferentiableAdam adds eps before the bias correction of the second moment (the pre-1.0 `torch.optim.Adam`
-formula), while the official prefix, `torch.optim.Adam` and raydistill add it after; `TorchAdam` below is higher's
-differentiable Adam with today's formula, so the window follows the same rule as the prefix. It does the same
-operations, so it costs the same.
+`tests/unit/test_reference_gradient.py` checks it in float64, and the step benchmark (bench_step.py) times it. One
+deliberate difference from `higher` 0.2.1: its DifferentiableAdam adds eps before the bias correction of the second
+moment (the pre-1.0 `torch.optim.Adam` formula), while the official prefix, `torch.optim.Adam` and raydistill add it
+after; `TorchAdam` below is higher's differentiable Adam with today's formula, so the window follows the same rule as
+the prefix. It does the same operations, so it costs the same.
 """
 
 from __future__ import annotations

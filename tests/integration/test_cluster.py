@@ -1,60 +1,12 @@
 """Multi-node behaviour on a simulated cluster (ray.cluster_utils.Cluster): GPU placement and the loss of a node.
 
-Each scenario runs in its own process (tests/cluster_scenarios.py), because this session may already hold a Ray
-instance of its own; the script writes what it saw to result.json and the tests assert on that.
+Each scenario runs in its own process (tests/helpers/cluster_scenarios.py), because this session may already hold a
+Ray instance of its own; the script writes what it saw to result.json and the tests assert on that.
 """
 
-import json
-import os
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
-
-from conftest import needs_fashion
+from helpers import needs_fashion, run_scenario
 
 pytestmark = needs_fashion
-
-SCRIPT = Path(__file__).with_name("cluster_scenarios.py")
-TIMEOUT_S = 240
-
-
-def kill_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_scenario(name: str, out: Path) -> dict:
-    """Run one scenario to its end; its output is shown when it fails or writes no usable result."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    # A session (and process group) of its own: GCS, raylets and agents of the simulated cluster are in that group,
-    # so a scenario that hangs can be cleaned up without touching anything else.
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), name, str(out)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env, cwd=SCRIPT.parent.parent,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        kill_group(proc.pid, signal.SIGTERM)  # the script's `finally` shuts the cluster down
-        try:
-            output, _ = proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            kill_group(proc.pid, signal.SIGKILL)
-            output, _ = proc.communicate()
-        pytest.fail(f"scenario {name} ran past {TIMEOUT_S} s; its output:\n{output[-6000:]}")
-    finally:
-        kill_group(proc.pid, signal.SIGKILL)  # anything of the cluster that outlived the script
-    result_file = out / "result.json"
-    assert result_file.is_file(), f"scenario {name} wrote no result (rc {proc.returncode}):\n{output[-6000:]}"
-    result = json.loads(result_file.read_text())
-    assert "error" not in result, f"scenario {name} failed:\n{result['error']}\n--- output:\n{output[-6000:]}"
-    assert proc.returncode == 0, output[-6000:]
-    return result
 
 
 def test_workers_land_on_the_gpu_node_and_an_impossible_gpu_request_fails_at_once(tmp_path):

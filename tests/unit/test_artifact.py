@@ -19,32 +19,8 @@ from PIL import Image
 from raydistill.storage import artifact, atomic, pictures
 from raydistill.watch import summary
 from raydistill.storage.artifact import ArtifactError, DistilledSet
-from raydistill.setup import config_from_dict, config_to_dict
 
-
-def make_set(ipc: int = 3, classes: int = 4, shape=(3, 5, 6), soft: bool = True, blocks: bool = False) -> DistilledSet:
-    gen = torch.Generator().manual_seed(0)
-    n = ipc * classes
-    labels = torch.arange(classes).repeat(ipc)  # position-major: c0 c1 c2 c3 c0 c1 ...
-    metadata = {
-        "dataset": "toy",
-        "class_names": [f"class{i}" for i in range(classes)],
-        "num_classes": classes,
-        "ipc": ipc,
-        "image_shape": list(shape),
-        "normalisation": {"mean": [0.5] * shape[0], "std": [0.25] * shape[0]},
-        "zca": False,
-        "eval_recipe": "adam",
-        "config": config_to_dict(config_from_dict({}, check_paths=False)),
-        "code_version": "0.1.0",
-    }
-    return DistilledSet(
-        images=torch.randn(n, *shape, generator=gen),
-        labels=labels,
-        soft_labels=torch.rand(n, classes, generator=gen) if soft else None,
-        blocks=torch.arange(n, dtype=torch.int32) % 2 if blocks else None,
-        metadata=metadata,
-    )
+from helpers import make_set
 
 
 def test_round_trip_is_exact(tmp_path):

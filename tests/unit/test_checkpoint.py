@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import pickle
 import zipfile
 
 import numpy as np
@@ -24,7 +23,7 @@ from raydistill.storage.checkpoint import (
     state_to_arrays,
 )
 from raydistill.config import MetaOptConfig
-from conftest import make_meta, named
+from helpers import forbid_pickle, make_meta, named
 
 
 
@@ -240,19 +239,6 @@ def test_object_arrays_and_reserved_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="torch tensor or plain"):
         state_to_arrays({"array": np.zeros(2)})
     assert list(tmp_path.iterdir()) == []
-
-
-class Unpickled(Exception):
-    """Raised by the patched pickle entry points; deliberately not a ValueError, so nothing can swallow it."""
-
-
-def forbid_pickle(monkeypatch) -> None:
-    def refuse(*args, **kwargs):
-        raise Unpickled("pickle was called during loading")
-
-    for name in ("load", "loads", "Unpickler"):
-        monkeypatch.setattr(pickle, name, refuse)
-    monkeypatch.setattr(torch, "load", refuse)
 
 
 def test_loading_never_unpickles(tmp_path, monkeypatch):

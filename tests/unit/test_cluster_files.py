@@ -12,14 +12,14 @@ import socket
 import subprocess
 import sys
 import tomllib
-from pathlib import Path
 
 import pytest
 import yaml
 
+from helpers import REPO
 from raydistill.compat import prepare_cluster_config, validate_cluster_config
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 CLUSTER = ROOT / "cluster"
 LAUNCHER_FILES = ["aws-gpu.yaml", "gcp-gpu.yaml", "onprem.yaml"]
 KUBERAY = CLUSTER / "kuberay-rayjob.yaml"

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from test_window_options import AUG, convnet, make_problem, relative_error
+from helpers import AUG, convnet, make_problem, relative_error
 
 import raydistill.methods.ratbptt.compiled as compiled
 from raydistill.config import ConfigError

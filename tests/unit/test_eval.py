@@ -1,19 +1,16 @@
-"""Honest evaluation: fresh random subsets, baselines at their better recipe, coresets, and Ray = in-process."""
+"""Honest evaluation: fresh random subsets, baselines at their better recipe, coresets, the validator (in-process;
+tests/integration/test_eval_on_ray.py: the same on Ray).
+
+The `fashion` and `one_thread` fixtures are conftest.py's."""
 
 from __future__ import annotations
-
-import dataclasses
 
 import pytest
 import torch
 
-from conftest import needs_fashion
-from raydistill.setup import load_config
-from raydistill.data.registry import load_dataset
-from raydistill.evaluate.remote import evaluation_report_on_ray
+from helpers import eval_config as tiny, expected_validation, needs_fashion, snapshot_of, stand_in_set as distilled
 from raydistill.engine.worker import ValidatorActor, validator_options
 from raydistill.evaluate.baselines import coreset, herding_indices, kcenter_indices
-from raydistill.data.selection import random_real_subset
 from raydistill.evaluate.report import (
     ReportOptions,
     assemble,
@@ -23,37 +20,8 @@ from raydistill.evaluate.report import (
     plan_networks,
     training_sets,
 )
-from raydistill.evaluate.validator import validation_accuracy
 
 CPU = torch.device("cpu")
-TINY = ["eval.steps=5", "eval.num_models=2", "model.width=8", "data.val_size=100", "eval.val_steps=5",
-        "ray.worker_threads=1"]
-
-
-def tiny(*overrides: str):
-    return load_config("quickstart", [*TINY, *overrides])
-
-
-@pytest.fixture(scope="module")
-def fashion():
-    """Fashion-MNIST with its training and test splits cut short, so every network and coreset is quick."""
-    full = load_dataset(tiny().data)
-    return dataclasses.replace(full, train_x=full.train_x[:3000], train_y=full.train_y[:3000],
-                               test_x=full.test_x[:500], test_y=full.test_y[:500])
-
-
-@pytest.fixture
-def one_thread():
-    """Numbers on CPU depend on the torch thread count: compare runs at the count the Ray tasks use."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def distilled(dataset, ipc=1):
-    """A stand-in for a distilled set: any images of the right shape do."""
-    return random_real_subset(dataset, ipc, seed=999)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -187,31 +155,7 @@ def test_a_coreset_is_ipc_distinct_images_per_class_and_deterministic(fashion, n
     assert torch.equal(x, again)
 
 
-# ---------------------------------------------------------------------------------------------- Ray
-
-
-@needs_fashion
-def test_the_ray_report_equals_the_in_process_report(ray_session, fashion, one_thread):
-    cfg = tiny("eval.baselines=[random,kcenter]")
-    x, y = distilled(fashion)
-    ticks = []
-    on_ray = evaluation_report_on_ray(x, y, 1, fashion, cfg, ReportOptions(tick=lambda: ticks.append(1)))
-    assert on_ray == evaluation_report(x, y, 1, fashion, cfg, ReportOptions(device=CPU))
-    assert len(ticks) == network_count(cfg, cfg.eval.archs, 2)
-
-
-def snapshot_of(dataset, soft: bool) -> dict:
-    images, labels = random_real_subset(dataset, 1, seed=3)
-    soft_labels = torch.softmax(torch.randn(10, 10, generator=torch.Generator().manual_seed(0)), 1) if soft else None
-    return {"images": images.numpy(), "hard_labels": labels.numpy(),
-            "soft_labels": None if soft_labels is None else soft_labels.numpy()}
-
-
-def expected_validation(snapshot, dataset, cfg) -> float:
-    """In-process validation on the whole data set (the validator keeps only the val split)."""
-    images, hard, soft = (None if snapshot[k] is None else torch.tensor(snapshot[k])
-                          for k in ("images", "hard_labels", "soft_labels"))
-    return validation_accuracy(images, hard, soft, dataset, cfg, CPU)
+# ---------------------------------------------------------------------------------------------- the validator
 
 
 @needs_fashion
@@ -220,17 +164,6 @@ def test_the_validator_returns_validation_accuracy(fashion, one_thread, soft):
     cfg = tiny()
     snapshot = snapshot_of(fashion, soft)
     assert ValidatorActor(cfg).validate(snapshot) == expected_validation(snapshot, fashion, cfg)
-
-
-@needs_fashion
-def test_the_validator_actor_returns_validation_accuracy(ray_session, fashion, one_thread):
-    cfg = tiny()
-    snapshot = snapshot_of(fashion, soft=True)
-    actor = ray_session.remote(ValidatorActor).options(**validator_options(has_gpus=False)).remote(cfg)
-    first = ray_session.get(actor.validate.remote(snapshot))
-    assert first == expected_validation(snapshot, fashion, cfg)
-    assert ray_session.get(actor.validate.remote(ray_session.put(snapshot))) == first  # as the driver passes it
-    ray_session.kill(actor)
 
 
 def test_validator_options_share_a_gpu_and_never_take_a_cpu():

@@ -1,7 +1,7 @@
 """Bad settings, outputs and crafted files end in one line and a non-zero exit, before anything is written."""
 
 import pytest
-from conftest import needs_fashion
+from helpers import REPO, needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
@@ -50,7 +50,7 @@ import json  # noqa: E402
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from test_artifact import make_set  # noqa: E402
+from helpers import make_set  # noqa: E402
 
 from raydistill.storage import artifact  # noqa: E402
 
@@ -161,7 +161,6 @@ def test_export_refuses_a_directory_and_an_existing_file_unless_forced(tmp_path,
 # ---------------------------------------------------------------------------------------------- trusted storage
 
 import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -190,19 +189,13 @@ def test_resume_refuses_an_experiment_folder_others_can_write(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- storage failures
 
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
 import torch  # noqa: E402
 
 import raydistill.engine.driver as driver  # noqa: E402
 from raydistill.engine.driver import EngineError, Hooks, distill  # noqa: E402
 from raydistill.engine.server import ParameterServer  # noqa: E402
 
-TINY = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
-        "eval.every=0", "threads=1", "ray.checkpoint_every=2", "ray.write_retries=3"]
+from helpers import STORAGE_TINY as TINY  # noqa: E402
 
 
 def tiny(*more):
@@ -273,58 +266,9 @@ def test_an_unwritable_run_directory_is_one_line_with_the_resume_command(tmp_pat
     assert err.endswith(f"continue with: raydistill distill --resume {run}")
 
 
-def default_sigint() -> None:
-    """In the child before exec: SIGINT unblocked and at its default, as in a terminal. A child inherits a blocked
-    or ignored SIGINT from its parent, and Python then never raises KeyboardInterrupt; in the full suite the child
-    once ran to its end through the signal (exit 0, nothing on stderr) although alone it passed."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-@needs_fashion
-def test_ctrl_c_prints_the_resume_command(tmp_path):
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "raydistill.cli", "distill", "--in-process", "--quiet", "--no-eval",
-                             "--out", str(run), "--set=steps=400", *(f"--set={s}" for s in TINY[1:])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
-    deadline = time.time() + 120
-    while not (run / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
-    started = (run / "metrics.jsonl").exists()
-    lines = len((run / "metrics.jsonl").read_text().splitlines()) if started else 0
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    blocked = signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    parent = f"the parent's SIGINT: {signal.getsignal(signal.SIGINT)}, blocked {blocked}"
-    assert started, f"no metrics.jsonl within 120 s (exit {proc.returncode}): {err[-2000:]}"
-    assert proc.returncode == 130, f"exit {proc.returncode} at metrics line {lines}, {parent}: {err[-2000:]}"
-    assert err.strip().splitlines()[-1] == f"raydistill: run interrupted; continue it with: raydistill distill --resume {run}"
-
-
 # ---------------------------------------------------------------------------------------------- a closed local Ray
 
 
-@pytest.mark.slow
-def test_the_embedded_ray_listens_on_loopback_only_with_authentication_on(tmp_path):
-    """The Ray `raydistill distill` starts for itself: every node address is 127.0.0.1, and Ray's token
-    authentication is left at its default (on) — the environment here does not switch it off."""
-    script = (
-        "import json, ray\n"
-        "from raydistill.runtime import connect\n"
-        "connect(None)\n"
-        "print(json.dumps({'node': ray.nodes()[0]['NodeManagerAddress'],\n"
-        "                  'gcs': ray.get_runtime_context().gcs_address,\n"
-        "                  'task': ray.get(ray.remote(lambda: 1).remote())}))\n"
-        "ray.shutdown()\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER",
-                                                           "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", script], env={**env, "HOME": str(tmp_path)}, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    found = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert found["node"] == "127.0.0.1" and found["gcs"].startswith("127.0.0.1:") and found["task"] == 1
-
-
 def test_make_demo_does_not_switch_ray_authentication_off():
-    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    makefile = (REPO / "Makefile").read_text()
     assert not [line for line in makefile.splitlines() if "RAY_AUTH_MODE" in line and not line.lstrip().startswith("#")]

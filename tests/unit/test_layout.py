@@ -4,9 +4,10 @@ Each test walks every module of the package once and names every offender in its
 """
 
 import ast
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "raydistill"
+PACKAGE = Path(__file__).resolve().parents[2] / "raydistill"
 MAX_LINES = 400
 # From the bottom up: a package may import the packages before it, never one after it.
 LAYERS = ["config", "compat", "filesystems", "runtime", "data", "models", "methods", "synset", "setup", "storage",
@@ -180,3 +181,29 @@ def test_private_internals_are_named_in_compat_alone():
     found = [f"{p.relative_to(PACKAGE.parent)}:{i} names {word}" for p in files
              for i, line in enumerate(p.read_text().splitlines(), 1) for word in PRIVATE_INTERNALS if word in line]
     assert not found, "use raydistill.compat instead: " + "; ".join(found)
+
+
+def test_tests_share_helpers_only_and_leave_the_benchmarks_alone():
+    """Tests share code through tests/helpers/ alone: no file under tests/ imports conftest (fixtures only) or a test
+    module, and no test file reaches into benchmarks/ (by name or on sys.path); scripts/ and helpers/ are fair game."""
+    tests = PACKAGE.parent / "tests"
+    files = sorted(tests.rglob("*.py"))
+    assert len([p for p in files if p.name.startswith("test_")]) > 20 and (tests / "helpers" / "__init__.py").exists()
+    imports, benchmarks = [], []
+    for path in files:
+        text = path.read_text()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "conftest" or any(part.startswith("test_") for part in name.split(".")):
+                    imports.append(f"{path.relative_to(tests)}:{node.lineno} imports {name}")
+        if path.name != "test_layout.py" and ("benchmarks/" in text or re.search(r"[\"']benchmarks[\"']", text)):
+            benchmarks.append(str(path.relative_to(tests)))
+    assert not imports, "import shared code from helpers instead: " + "; ".join(imports)
+    assert not benchmarks, "tests must not reach into benchmarks/ (move what they need to helpers/ or scripts/): " \
+        + ", ".join(benchmarks)

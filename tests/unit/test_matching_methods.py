@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import needs_fashion
+from helpers import needs_fashion
 
 from raydistill.config import ConfigError
 from raydistill.config.loading import PRESETS

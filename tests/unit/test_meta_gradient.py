@@ -15,7 +15,7 @@ from raydistill.methods.ratbptt.config import RatBpttConfig
 from raydistill.methods.ratbptt.inner_opt import InnerAdam
 from raydistill.methods.base import task_seed
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient, plan_window, unrolled_meta_loss
-from conftest import make_meta, named
+from helpers import make_meta, named
 
 CLASSES, IPC, SIDE = 2, 2, 6
 

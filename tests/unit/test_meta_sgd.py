@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_meta, named
+from helpers import make_meta, named
 
 from raydistill.config import ConfigError, MetaOptConfig
 from raydistill.setup import load_config

@@ -1,4 +1,4 @@
-"""benchmarks/offline_bundle.py: the GPU node bundle (Ray without its Java jar, the head of Fashion-MNIST)."""
+"""scripts/offline_bundle.py: the GPU node bundle (Ray without its Java jar, the head of Fashion-MNIST)."""
 
 import os
 import sys
@@ -14,7 +14,9 @@ from raydistill.config import DataConfig
 from raydistill.data.loaders import read_idx
 from raydistill.data.registry import load_dataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from helpers import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))
 from offline_bundle import FMNIST, fashion_mnist_head, ray_tarball  # noqa: E402
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")

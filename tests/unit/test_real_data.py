@@ -14,17 +14,15 @@ import torch
 
 from raydistill.setup import load_config
 from raydistill.data.real import Normaliser, RealImages
-from raydistill.data.registry import Dataset, channel_stats
+from raydistill.data.registry import channel_stats
 from raydistill.data.zca import ZCA
 from raydistill.engine.backend import BACKENDS
 from raydistill.engine.shared_data import GIB, WorkerData, share, shard_plan
 from raydistill.engine.worker import GradientWorker
 
+from helpers import pixels, sharing_config, tiny_dataset
+
 LOCAL = BACKENDS["local"]
-
-
-def pixels(n: int, c: int = 1, side: int = 4, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, c, side, side), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
 def old_float_path(px: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -84,21 +82,6 @@ def test_normaliser_round_trips_through_plain_arrays_with_zca():
 # ---------------------------------------------------------------------------------------------- sharing
 
 
-def tiny_dataset(n: int, side: int = 2, classes: int = 4, seed: int = 0) -> Dataset:
-    px = pixels(n, side=side, seed=seed)
-    labels = torch.arange(n) % classes
-    norm = Normaliser(*channel_stats(px))
-    val = pixels(8, side=side, seed=seed + 1)
-    return Dataset("tiny", RealImages(px, norm), labels, RealImages(val, norm), torch.arange(8) % classes,
-                   RealImages(val, norm), torch.arange(8) % classes, [str(c) for c in range(classes)],
-                   norm.mean.tolist(), norm.std.tolist(), None)
-
-
-def config(cache_bytes: float, resample_every: int = 5, seed: int = 0):
-    return load_config("quickstart", [f"data.cache_gb={cache_bytes / GIB!r}", f"data.resample_every={resample_every}",
-                                      f"seed={seed}"], check_paths=False)
-
-
 def test_shard_plan_keeps_a_worker_within_its_cache():
     assert shard_plan(55000, 784, 8.0) == (1, 1)  # the quickstart set: everything, one object
     for n, per_image, cache_gb in ((60000, 3 * 128 * 128, 1.0), (1_281_167, 3 * 64 * 64, 8.0), (600, 4, 800 / GIB)):
@@ -110,7 +93,7 @@ def test_shard_plan_keeps_a_worker_within_its_cache():
 
 def test_past_the_cache_shards_partition_the_training_split():
     ds = tiny_dataset(103)
-    shared = share(ds, config(cache_bytes=100), LOCAL)  # 412 bytes of pixels, 100 of cache
+    shared = share(ds, sharing_config(cache_bytes=100), LOCAL)  # 412 bytes of pixels, 100 of cache
     assert shared.num_shards > 1 and 1 <= shared.hold < shared.num_shards
     assert max(shared.train_rows) - min(shared.train_rows) <= 1 and shared.num_train == 103
     ids = np.concatenate([LOCAL.get(r)["ids"] for r in shared.train])
@@ -122,9 +105,9 @@ def test_past_the_cache_shards_partition_the_training_split():
 
 
 def test_held_shards_are_a_pure_function_of_seed_slot_and_epoch():
-    shared = share(tiny_dataset(200), config(cache_bytes=200, resample_every=5), LOCAL)
+    shared = share(tiny_dataset(200), sharing_config(cache_bytes=200, resample_every=5), LOCAL)
     assert shared.held_shards(3, 1) == shared.held_shards(4, 1) == share(
-        tiny_dataset(200), config(cache_bytes=200, resample_every=5), LOCAL).held_shards(0, 1)
+        tiny_dataset(200), sharing_config(cache_bytes=200, resample_every=5), LOCAL).held_shards(0, 1)
     epochs = {tuple(shared.held_shards(5 * e, 0)) for e in range(20)}
     slots = {tuple(shared.held_shards(0, s)) for s in range(20)}
     assert len(epochs) > 5 and len(slots) > 5
@@ -152,7 +135,7 @@ def draw_counts(shared, workers: int, steps: int, batch: int) -> np.ndarray:
 
 def test_every_image_is_drawn_with_equal_probability_over_workers_and_steps():
     n, workers, steps, batch = 600, 3, 2000, 10
-    shared = share(tiny_dataset(n), config(cache_bytes=800, resample_every=5), LOCAL)
+    shared = share(tiny_dataset(n), sharing_config(cache_bytes=800, resample_every=5), LOCAL)
     assert (shared.num_shards, shared.hold) == (12, 4)  # shards of 50 images; a worker holds 4 of them
     counts = draw_counts(shared, workers, steps, batch)
     expected = workers * steps * batch / n
@@ -160,7 +143,7 @@ def test_every_image_is_drawn_with_equal_probability_over_workers_and_steps():
     assert chi2 < chi_square_bound(n - 1), chi2
     # The same test rejects a sampler that never changes what each worker holds (only 3 x 4 of 12 shards ever
     # seen, and overlapping): it is not vacuous.
-    frozen = share(tiny_dataset(n), config(cache_bytes=800, resample_every=10**9), LOCAL)
+    frozen = share(tiny_dataset(n), sharing_config(cache_bytes=800, resample_every=10**9), LOCAL)
     stuck = draw_counts(frozen, workers, 200, batch)
     expected = workers * 200 * batch / n
     assert float(((stuck - expected) ** 2 / expected).sum()) > chi_square_bound(n - 1)
@@ -185,39 +168,3 @@ def test_a_worker_sets_its_method_up_again_when_its_shards_change(monkeypatch):
         assert torch.equal(ctx.real_x.pixels(slice(None)), ds.train_x.pixels(worker.data.held.ids))
         seen.append(tuple(held))
     assert seen[0] == seen[1] and seen[2] == seen[3] and len(set(seen)) > 1
-
-
-def test_on_ray_workers_read_the_object_store_copy_in_place(ray_session):
-    import ray
-
-    ds = tiny_dataset(64, side=8)
-    shared = share(ds, config(cache_bytes=GIB), BACKENDS["ray"])
-
-    @ray.remote(num_cpus=0)
-    def probe(shared):
-        view = WorkerData(shared, BACKENDS["ray"], torch.device("cpu"))
-        held, _ = view.at(0, 0)
-        array = ray.get(shared.train[0])["pixels"]
-        chunk = held.images.chunks[0]
-        return (not array.flags.writeable, chunk.data_ptr() == array.ctypes.data, chunk.dtype == torch.uint8,
-                torch.equal(held.images[:], ds.train_x[:]))
-
-    assert ray.get(probe.remote(shared)) == (True, True, True, True)
-
-
-FASHION_ROOT = "/usr/share/datasets/fashion-mnist"
-
-
-@pytest.mark.skipif(not __import__("os").path.isdir(FASHION_ROOT), reason="needs dataset-fashion-mnist")
-def test_a_sharded_run_on_ray_equals_the_in_process_run(ray_session, tmp_path):
-    from raydistill.engine.driver import distill
-    from raydistill.storage.artifact import read_distilled
-
-    tiny = ["steps=4", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "eval.every=0", "data.val_size=200",
-            "ratbptt.real_batch=64", "ray.cpus_per_worker=1", "ray.workers=2", "threads=1", "ray.worker_threads=1",
-            "data.cache_gb=0.01", "data.resample_every=2"]  # 43 MB of training pixels: 17 shards, 3 held a worker
-    local = distill(load_config("quickstart", tiny), tmp_path / "local", in_process=True, progress=False,
-                    evaluate=False)
-    remote = distill(load_config("quickstart", tiny), tmp_path / "ray", progress=False, evaluate=False)
-    assert local["status"]["applied_steps"] == remote["status"]["applied_steps"] == [0, 1, 2, 3]
-    assert torch.equal(read_distilled(tmp_path / "local").images, read_distilled(tmp_path / "ray").images)

@@ -1,4 +1,4 @@
-"""raydistill's meta-gradient equals the official algorithm's (benchmarks/reference_higher.py, built on `higher`).
+"""raydistill's meta-gradient equals the official algorithm's (helpers/reference_higher.py, built on `higher`).
 
 The reference trains the plain network (nn.GroupNorm, NCHW) with torch.optim.Adam, back-propagates every prefix step
 into the synthetic images and discards that gradient, and unrolls the window under higher's monkeypatched module and
@@ -7,10 +7,8 @@ backward and (optionally) the channels-last layout. Same seeds, float64: the gra
 """
 
 import copy
-import sys
 from dataclasses import replace
 from functools import partial
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,8 +24,7 @@ from raydistill.models.registry import create_model
 from raydistill.models.winograd import winograd_conv3x3
 
 import higher  # noqa: E402,F401  (the test extra installs it; a missing reference must fail here, not skip)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_higher import official_network, reference_meta_gradient  # noqa: E402
+from helpers.reference_higher import official_network, reference_meta_gradient  # noqa: E402
 
 CLASSES, IPC, SIDE = 3, 2, 8
 

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from test_window_options import AUG, convnet, dead_param_net, make_problem, relative_error
+from helpers import AUG, convnet, dead_param_net, make_problem, relative_error
 
 from raydistill.config import ConfigError
 from raydistill.setup import load_config

@@ -2,8 +2,8 @@
 
 file:// is the local folder it names; other URIs go through pyarrow.fs or fsspec. The tests use fsspec's in-process
 `memory://` file system as the stand-in for a remote store (nothing on it is a local file), a recording handler to see
-how files are published, and a simulated two-node cluster (tests/cluster_scenarios.py) for a parameter server that
-resumes on another node from the checkpoint in a shared folder.
+how files are published. A simulated two-node cluster, for a parameter server that resumes on another node from the
+checkpoint in a shared folder, is in tests/integration/test_shared_storage_cluster.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pyarrow.fs as pafs
 import pytest
 import torch
 import yaml
-from conftest import needs_fashion
+from helpers import STORAGE_TINY as TINY, forbid_pickle, needs_fashion
 
 from raydistill.cli import main
 from raydistill.config import ConfigError
@@ -30,9 +30,6 @@ from raydistill.engine.server import ParameterServer
 from raydistill.storage import artifact, atomic, run_dir as rundir, store
 from raydistill.storage.checkpoint import CheckpointWarning, latest_checkpoint, list_checkpoints, save_checkpoint
 from raydistill.storage.store import Location, location
-
-TINY = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
-        "eval.every=0", "threads=1", "ray.checkpoint_every=2", "ray.write_retries=3"]
 
 
 def tiny(*more):
@@ -157,8 +154,6 @@ def test_metrics_append_on_a_store_that_cannot_append(memory_uri):
 
 
 def test_checkpoints_on_a_uri_prune_skip_a_damaged_one_and_never_unpickle(memory_uri, monkeypatch):
-    from test_checkpoint import forbid_pickle
-
     folder = location(memory_uri) / "checkpoints"
     for step in (2, 4, 6, 8):
         save_checkpoint(folder, step, {"x": np.arange(step)}, {"step": step}, keep=3)
@@ -333,29 +328,3 @@ def test_sweep_outputs_go_to_a_uri(tmp_path, memory_uri):
     pytest.importorskip("matplotlib")
     assert plot(sweep, rows, folder / "plot.png") == f"{memory_uri}/plot.png"
     assert (folder / "plot.png").read_bytes().startswith(b"\x89PNG")
-
-
-# ---------------------------------------------------------------------------------------------- two nodes
-
-
-@needs_fashion
-@pytest.mark.slow
-def test_a_server_restarted_on_another_node_resumes_from_the_shared_folder(tmp_path):
-    from test_cluster import run_scenario
-
-    result = run_scenario("shared-storage", tmp_path)
-    steps, servers, kills, status = result["steps"], result["server_log"], result["kills"], result["summary"]["status"]
-    assert kills and len(servers) == len(kills) + 1  # one restart per kill
-    assert servers[-1]["node_id"] != servers[0]["node_id"] and servers[-1]["pid"] != servers[0]["pid"]
-    # Every server opened the run from the shared folder the file:// URI names, and each restarted one resumed from
-    # the checkpoint it found there: at or after the newest one written before its predecessor was killed.
-    shared = result["uri"][len("file://"):]
-    assert {s["checkpoints"] for s in servers} == {f"{shared}/checkpoints"}
-    assert servers[0]["restored_step"] is None
-    for kill, restarted in zip(kills, servers[1:]):
-        assert kill["newest_checkpoint"] <= restarted["restored_step"] < steps
-    assert status["restored_step"] == servers[-1]["restored_step"]
-    # No step lost or applied twice, every step logged once, and the set is the uninterrupted run's, bit for bit.
-    assert status["applied_steps"] == list(range(steps)) == result["reference_status"]["applied_steps"]
-    assert result["metric_steps"] == list(range(1, steps + 1))
-    assert result["same_artifact_as_reference"]

@@ -1,31 +1,22 @@
-"""Tune's own search: the sweep's space as Tune domains, seeded searchers (basic and Optuna), an Optuna + ASHA sweep."""
+"""Tune's own search: the sweep's space as Tune domains, seeded searchers (basic and Optuna); an Optuna + ASHA sweep
+on Ray is tests/integration/test_optuna_sweep.py."""
 
 import dataclasses
-import importlib.util
-import pickle
 from pathlib import Path
 
 import pytest
-import yaml
 from ray.tune.experiment import Experiment
 from ray.tune.search.sample import Categorical, Float, Integer, LogUniform, Uniform
 
-from conftest import needs_fashion
+from helpers import REPO, needs_optuna, optuna_samples, write_sweep
 from raydistill.config import ConfigError
-from raydistill.tune import WORST_SCORE, corners, load_sweep, make_searcher, run_sweep, search_space, trial_config
+from raydistill.tune import corners, load_sweep, make_searcher, search_space, trial_config
 from raydistill.tune import sweep as sweep_file
-from test_tune import REPO, write_sweep
-
-needs_optuna = pytest.mark.skipif(importlib.util.find_spec("optuna") is None, reason="needs the optuna extra")
 
 MIXED = {"ratbptt.window": {"grid": [1, 2]}, "meta.lr": {"loguniform": [1e-4, 1e-1]},
          "ratbptt.inner_lr": {"uniform": [0.001, 0.01]}, "ratbptt.unroll": {"randint": [4, 9]},
          "init.mode": {"choice": ["real", "noise"]}}
 RANDOM = {key: space for key, space in MIXED.items() if "grid" not in space}
-# The brief's tiny run: a few seconds per trial on one core.
-TINIER = {"steps": 6, "ipc": 1, "model.width": 8, "ratbptt.unroll": 4, "ratbptt.window": 2, "ratbptt.real_batch": 64,
-          "eval.every": 3, "eval.val_models": 1, "eval.val_steps": 5, "data.val_size": 200, "ray.checkpoint_every": 3,
-          "ray.workers": 1, "ray.cpus_per_worker": 1, "ray.worker_threads": 1, "threads": 1}
 
 
 def basic_samples(sweep, folder: Path) -> list[dict]:
@@ -37,13 +28,6 @@ def basic_samples(sweep, folder: Path) -> list[dict]:
     while (trial := searcher.next_trial()) is not None:
         samples.append(trial.config)
     return samples
-
-
-def optuna_samples(sweep, count: int) -> list[dict]:
-    """The optuna searcher's first `count` proposals, with no scores told."""
-    searcher = make_searcher(dataclasses.replace(sweep, max_concurrent_trials=None))
-    assert searcher.set_search_properties(None, None, search_space(sweep))
-    return [searcher.suggest(f"trial-{i}") for i in range(count)]
 
 
 def test_each_kind_of_the_sweep_file_becomes_the_matching_tune_domain(tmp_path):
@@ -118,28 +102,3 @@ def test_every_shipped_sweep_builds_only_valid_trials_or_says_why(name, tmp_path
             reasons.append(str(exc))
     assert built >= 6
     assert all(r.startswith("ratbptt.window: window") for r in reasons)  # only W > T is ever rejected
-
-
-@pytest.mark.slow
-@needs_fashion
-@needs_optuna
-def test_an_optuna_sweep_with_asha_runs_end_to_end_and_scores_a_rejected_sample_worst(ray_session, tmp_path):
-    path = write_sweep(tmp_path, name="optuna", set=TINIER, searcher={"name": "optuna"}, num_samples=3, seed=1,
-                       search={"meta.lr": {"loguniform": [1e-3, 1e-1]}, "ratbptt.window": {"choice": [2, 8]}},
-                       scheduler={"name": "asha", "grace_period": 3, "reduction_factor": 2})
-    sweep = load_sweep(path)
-    proposed = optuna_samples(sweep, 3)  # TPE's first proposals are its seeded random start-up draws
-    assert [p["ratbptt.window"] for p in proposed] == [2, 2, 8]  # seed 1: the third is invalid (window > unroll 4)
-    summary = run_sweep(path, verbose=0)
-    rows = sorted(summary["rows"], key=lambda r: r["trial"])
-    assert [r["trial"] for r in rows] == ["t000", "t001", "t002"]
-    assert [{k: r[k] for k in proposed[0]} for r in rows] == proposed  # the sweep's seed reached Tune's run
-    assert rows[0]["status"] == "done" and rows[1]["status"] in ("done", "stopped") and rows[2]["status"] == "rejected"
-    experiment = Path(sweep.experiment_path())
-    with open(next(experiment.glob("searcher-state-*.pkl")), "rb") as fh:
-        study = pickle.load(fh)["_ot_study"]  # what Optuna was told, as Tune saved it
-    told = [(t.params["ratbptt.window"], t.value) for t in study.trials]
-    assert told[2] == (8, WORST_SCORE) and all(value > WORST_SCORE for _, value in told[:2])
-    best = yaml.safe_load(Path(summary["best_preset"]).read_text())
-    assert best["meta"]["lr"] == pytest.approx(summary["best"]["meta.lr"]) and best["steps"] == 6
-    assert (experiment / "sweep.yaml").read_text() == path.read_text()

@@ -6,7 +6,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import raydistill.methods.ratbptt.meta_gradient as mg
 from raydistill.config import AugmentConfig, ConfigError
@@ -15,49 +14,12 @@ from raydistill.methods.ratbptt.config import RatBpttConfig, validate_section
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 from raydistill.models.registry import create_model
 
-CLASSES, IPC, SIDE = 3, 2, 8
-AUG = AugmentConfig(strategies=["flip", "rotate", "crop"])
-
-
-class DeadParamNet(nn.Module):
-    """The registry ConvNet plus a parameter whose inner gradient is exactly 0: Adam's second moment stays 0 for it,
-    so a segment start holds v == 0 (safe_sqrt's case) as a leaf that requires grad."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance")
-        self.dead = nn.Parameter(torch.ones(4))
-
-    def forward(self, x):
-        return self.net(x) + 0.0 * self.dead.sum()
-
-
-def convnet():
-    return create_model("convnet", 3, CLASSES, SIDE, width=6, depth=2, norm="instance").double()
-
-
-def dead_param_net():
-    return DeadParamNet().double()
-
-
-def make_problem():
-    """(images, hard labels, soft labels, real images, real labels) of a tiny float64 problem."""
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(CLASSES * IPC, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    hard = torch.arange(CLASSES).repeat_interleave(IPC)
-    soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1
-    real_x = torch.randn(40, 3, SIDE, SIDE, generator=g, dtype=torch.float64)
-    real_y = torch.randint(0, CLASSES, (40,), generator=g)
-    return images, hard, soft, real_x, real_y
+from helpers import AUG, convnet, dead_param_net, make_problem, relative_error
 
 
 @pytest.fixture
 def problem():
     return make_problem()
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 CASES = {  # name: (config, model factory)

@@ -10,7 +10,7 @@ server averaging tasks of K samples each averages per sample.
 Different window starts: each sample runs `start` prefix steps and then the (common) window length W. The prefix
 runs in lockstep over the samples that still have prefix steps left (the one with the latest start alone at the
 end), so no step is computed twice or wasted; the windows then run in lockstep for all K, each network at its own
-step count (Adam's bias corrections are per sample). `tests/test_samples_per_task.py` checks the result against
+step count (Adam's bias corrections are per sample). `tests/unit/test_samples_per_task.py` checks the result against
 the mean of K separate `meta_gradient` calls in float64.
 """
 

@@ -33,7 +33,7 @@ class RatBpttConfig:
     window_segments: int = 1
     # float32 | bf16: the window's and the meta-loss's forward passes under torch.autocast(bfloat16) on the images'
     # device type (the prefix stays float32); changes the numerics: cosine to the float32 gradient > 0.99 in
-    # tests/test_window_options.py (0.96-0.97 for an Adam window from step 0). For GPUs: 4-5x slower on a CPU
+    # tests/unit/test_window_options.py (0.96-0.97 for an Adam window from step 0). For GPUs: 4-5x slower on a CPU
     # without bf16 instructions
     precision: str = "float32"
     # >1: each gradient task draws this many independent samples (own network, minibatches, augmentations and

@@ -167,7 +167,7 @@ class Unroll:
              window: bool = True) -> tuple[list[Tensor], InnerState]:
         """One inner step: differentiable with create_graph (the window), otherwise graph-free (the prefix and the
         checkpointed forward), so a long prefix costs no memory. Only window steps run in bf16 when it is on: a bf16
-        prefix moves the network away from the float32 one (the cosine test in tests/test_window_options.py)."""
+        prefix moves the network away from the float32 one (the cosine test in tests/unit/test_window_options.py)."""
         if create_graph:
             grads = torch.autograd.grad(self.inner_loss(params, x, targets, window), params, create_graph=True)
             return self.opt.step(params, list(grads), state)
