@@ -96,18 +96,22 @@ def measure(cfg_overrides: list[str], workers: int) -> dict:
     cfg = load_config("quickstart", cfg_overrides + ["eval.every=0"], check_paths=False)
     args: tuple = (cfg, "ray")
     shared = None
-    if "shared" in inspect.signature(GradientWorker.__init__).parameters:  # this checkout: the driver shares the data
+    in_constructor = "shared" in inspect.signature(GradientWorker.__init__).parameters  # older checkouts
+    if in_constructor or hasattr(GradientWorker, "attach"):  # the driver shares the data
         from raydistill.data.registry import load_dataset
         from raydistill.engine.backend import BACKENDS
         from raydistill.engine.shared_data import share
 
         shared = share(load_dataset(cfg.data), cfg, BACKENDS["ray"])
-        args = (*args, shared)
+        if in_constructor:
+            args = (*args, shared)
     store_bytes = 0 if shared is None else sum(ray.get(r)["pixels"].nbytes for r in shared.train)
     probe = ray.remote(num_cpus=0)(Probe).remote()
     idle = ray.get(probe.memory.remote())
     began = time.perf_counter()
     actors = [ray.remote(num_cpus=0)(MeasuredWorker).remote(*args) for _ in range(workers)]
+    if shared is not None and not in_constructor:  # today's workers map the data at their first task
+        ray.get([a.attach.remote(shared) for a in actors])
     per_worker = ray.get([a.memory.remote() for a in actors])
     seconds = time.perf_counter() - began
     for a in actors + [probe]:
