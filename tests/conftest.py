@@ -27,11 +27,17 @@ TIERS = ("unit", "integration", "e2e")
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items):
+    """Marks every test with its folder's tier, and runs the tiers in order: the unit tests first, without the
+    session's Ray running beside them (it starts with the first test that needs it)."""
     here = Path(__file__).resolve().parent
+    rank = {}
     for item in items:
         parts = Path(item.path).resolve().relative_to(here).parts
-        if len(parts) > 1 and parts[0] in TIERS:
-            item.add_marker(parts[0])
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        if tier:
+            item.add_marker(tier)
+        rank[item.nodeid] = TIERS.index(tier) if tier else len(TIERS)
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: each file keeps its order
 
 
 @pytest.fixture(scope="session")
