@@ -21,6 +21,7 @@ from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gra
 import raydistill.models.layers as layers
 from raydistill.models.layers import Conv2d, InstanceNorm
 from raydistill.models.registry import create_model
+from raydistill.models.speed import set_cpu_kernels
 from raydistill.models.winograd import winograd_conv3x3
 
 import higher  # noqa: E402,F401  (the test extra installs it; a missing reference must fail here, not skip)
@@ -95,7 +96,13 @@ def test_meta_gradient_with_winograd_convolutions_equals_the_higher_reference(ca
     soft = F.one_hot(hard, CLASSES).double() * 2.0 + 0.1 if learn_labels else None
     calls = []
     monkeypatch.setattr(layers, "winograd_conv3x3", lambda *a: calls.append(1) or winograd_conv3x3(*a))
-    ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), net, cfg, aug, 3)
+
+    def with_winograd():  # on every CPU: `auto` keeps Winograd for AVX2 machines only
+        model = net()
+        set_cpu_kernels(model, "all")
+        return model
+
+    ours = meta_gradient(SynSet(images, hard, soft), RealBatch(real_x, real_y), with_winograd, cfg, aug, 3)
     assert calls
     calls.clear()
     ref_images, ref_labels, ref_loss = reference_meta_gradient(images, hard, soft, real_x, real_y, net, cfg, aug, 3)
