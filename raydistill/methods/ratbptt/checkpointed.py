@@ -9,8 +9,8 @@ of the synthetic set's gradient). Memory: about W/k steps of graph plus k saved 
 forward of the window. The random draws repeat exactly, so the gradient is the plain path's (up to float
 rounding order).
 
-This module knows nothing of networks or data: the caller passes one inner step and the meta-loss as functions
-that draw their randomness from `rng`.
+This module knows nothing of networks or data: the caller passes one inner step and the meta-loss (with its
+gradient at the final parameters) as functions that draw their randomness from `rng`.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from raydistill.methods.ratbptt.inner_opt import InnerState
 
 # step(params, state, create_graph) -> (params, state): one inner step on the synthetic set, drawing from rng
 Step = Callable[[list[Tensor], InnerState, bool], tuple[list[Tensor], InnerState]]
+# meta_loss(final) -> (meta-loss, its gradient with respect to `final`): the window's final parameters, as detached
+# leaves that require grad, drawing from rng
+MetaLoss = Callable[[list[Tensor]], tuple[Tensor, list[Tensor]]]
 
 
 def segment_lengths(window: int, segments: int) -> list[int]:
@@ -47,7 +50,7 @@ def _leaf_state(params: list[Tensor], state: InnerState, requires_grad: bool) ->
 
 def checkpointed_window_gradient(
     step: Step,
-    meta_loss: Callable[[list[Tensor]], Tensor],
+    meta_loss: MetaLoss,
     params: list[Tensor],
     state: InnerState,
     lengths: list[int],
@@ -67,11 +70,9 @@ def checkpointed_window_gradient(
             params, state = step(params, state, False)
 
     final = [p.detach().requires_grad_(True) for p in params]
-    loss = meta_loss(final)
-    # The meta-loss reads the final parameters; any direct dependence on the leaves is kept too.
-    grads = torch.autograd.grad(loss, final + leaves, allow_unused=True)
-    adjoints: list[Tensor | None] = list(grads[: len(final)]) + [None] * len(_flat(state))  # buffers: unread
-    totals: list[Tensor | None] = list(grads[len(final):])
+    loss, d_final = meta_loss(final)  # the meta-loss reads the leaves through the final parameters only
+    adjoints: list[Tensor | None] = list(d_final) + [None] * len(_flat(state))  # buffers: unread
+    totals: list[Tensor | None] = [None] * len(leaves)
     after_meta_loss = rng.get_state()
 
     for i in reversed(range(len(lengths))):

@@ -31,6 +31,10 @@ class RatBpttConfig:
     # (window memory ~W/k + k states instead of W; about one more forward of the window in time). Validated <= window;
     # a run-time window shorter than k (only possible unvalidated) uses one step per segment.
     window_segments: int = 1
+    # >1: the meta-loss's real batch runs forward/backward in this many chunks whose gradients are accumulated into
+    # the same meta-gradient: real-batch activation memory / chunks, the same gradient to float rounding. Validated
+    # <= real_batch
+    real_batch_chunks: int = 1
     # float32 | bf16: the window's and the meta-loss's forward passes under torch.autocast(bfloat16) on the images'
     # device type (the prefix stays float32); changes the numerics: cosine to the float32 gradient > 0.99 in
     # tests/unit/test_window_options.py (0.96-0.97 for an Adam window from step 0). For GPUs: 4-5x slower on a CPU
@@ -39,7 +43,8 @@ class RatBpttConfig:
     # >1: each gradient task draws this many independent samples (own network, minibatches, augmentations and
     # window start) and runs them as one batched computation (torch.func.vmap over stacked networks); the task
     # returns their mean, so the parameter server still averages per sample. A GPU lever at small IPC; slower on CPU
-    # (benchmarks/README.md). Float32 windows of a fixed length only, without checkpointing or NHWC convolutions.
+    # (benchmarks/README.md). Float32 windows of a fixed length only, without checkpointing, real-batch chunks or NHWC
+    # convolutions.
     samples_per_task: int = 1
     # The prefix's inner steps (forward and first-order backward) through torch.compile, once per process and network
     # shape (compiled.py); the window cannot be compiled (no double backward). Needs inductor's compiler (a C++
@@ -83,6 +88,17 @@ def validate_section(r: RatBpttConfig, norm: str | None = None) -> None:
             f"ratbptt.window_segments: {r.window_segments} segments > window {r.window}; "
             f"set window_segments <= {r.window} (each segment holds at least one inner step)"
         )
+    chunks = r.real_batch_chunks
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ConfigError(
+            f"ratbptt.real_batch_chunks: must be an integer >= 1, got {chunks!r}; "
+            "use 1 for one real batch, k > 1 to run the meta-loss's real batch in k chunks"
+        )
+    if chunks > r.real_batch:
+        raise ConfigError(
+            f"ratbptt.real_batch_chunks: {chunks} chunks > real_batch {r.real_batch}; "
+            f"set real_batch_chunks <= {r.real_batch} (each chunk holds at least one real image)"
+        )
     choice(r.precision, PRECISIONS, "ratbptt.precision")
     if not isinstance(r.compile_prefix, bool):
         raise ConfigError(f"ratbptt.compile_prefix: must be true or false, got {r.compile_prefix!r}")
@@ -100,7 +116,8 @@ def validate_samples(r: RatBpttConfig, norm: str | None = None) -> None:
     if k == 1:
         return
     clashes = [(r.window_mode == "random_length", "window_mode random_length (windows of different lengths)"),
-               (r.window_segments > 1, "window_segments > 1"), (r.precision != "float32", f"precision {r.precision}"),
+               (r.window_segments > 1, "window_segments > 1"), (r.real_batch_chunks > 1, "real_batch_chunks > 1"),
+               (r.precision != "float32", f"precision {r.precision}"),
                (r.channels_last, "channels_last"), (norm == "batch", "model.norm batch (running statistics)"),
                (r.compile_prefix, "compile_prefix")]
     for clash, what in clashes:

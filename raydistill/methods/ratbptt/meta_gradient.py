@@ -10,6 +10,10 @@ Two options change how the window is differentiated: `window_segments` > 1 recom
 segment during the backward pass (checkpointed.py: the same gradient in less memory), and `precision: bf16` runs
 the window's and the meta-loss's forward passes under bfloat16 autocast (different numerics; float32 losses,
 gradients in the images' dtype). `compile_prefix` runs the prefix's steps through torch.compile (compiled.py).
+
+`real_batch_chunks` > 1 runs the meta-loss's real batch in chunks: the gradient reaches the synthetic set through
+the window's final parameters only, so each chunk's share of the meta-loss is differentiated with respect to a
+detached copy of them (its graph freed before the next chunk), and the sum goes back through the window once.
 """
 
 from __future__ import annotations
@@ -200,6 +204,46 @@ class Unroll:
         x_real, y_real = self.real_batch(real)
         return F.cross_entropy(self.logits(params, x_real, True), y_real)
 
+    def meta_loss_and_gradient(self, final: list[Tensor], real: RealBatch) -> tuple[Tensor, list[Tensor]]:
+        """(meta-loss, its gradient with respect to `final`), the final parameters as detached leaves that require
+        grad. With `real_batch_chunks` > 1 the batch is drawn and augmented whole (the same draws as one batch), then
+        run in near-equal chunks: chunk i adds its mean cross-entropy weighted by its share of the batch, so the sum
+        is the batch's mean, and only one chunk's activations are alive at a time."""
+        chunks = self.cfg.real_batch_chunks
+        if chunks == 1:
+            loss = self.meta_loss(final, real)
+            return loss.detach(), list(torch.autograd.grad(loss, final))
+        x_real, y_real = self.real_batch(real)
+        chunks = min(chunks, len(y_real))  # no empty chunk when the real set is smaller than real_batch (unvalidated)
+        loss, grads = 0.0, [torch.zeros_like(p) for p in final]
+        for x, y in zip(x_real.tensor_split(chunks), y_real.tensor_split(chunks)):
+            part = F.cross_entropy(self.logits(final, x, True), y) * (len(y) / len(y_real))
+            for g, d in zip(grads, torch.autograd.grad(part, final)):  # frees this chunk's graph
+                g.add_(d)
+            loss = loss + part.detach()
+        return loss, grads
+
+
+def unrolled_window(
+    syn: SynSet,
+    model_factory: ModelFactory,
+    cfg: RatBpttConfig,
+    aug: AugmentConfig,
+    seed: int,
+    prefix: SynSet | None = None,
+) -> tuple[Unroll, list[Tensor]]:
+    """The unroll and its final parameters, with the window's graph: the first `start` steps train on `prefix`
+    (default: `syn`, detached), the window's steps on `syn`."""
+    unroll = Unroll(syn, model_factory, cfg, aug, seed)
+    prefix = syn if prefix is None else prefix
+    params, state = unroll.prefix(prefix.images, prefix.targets)
+
+    # Window: differentiable steps from the (constant) window start.
+    params = [p.requires_grad_(True) for p in params]
+    for _ in range(unroll.window):
+        params, state = unroll.step(params, state, syn.images, syn.targets, create_graph=True)
+    return unroll, params
+
 
 def unrolled_meta_loss(
     syn: SynSet,
@@ -214,17 +258,29 @@ def unrolled_meta_loss(
 
     The truncated RaT-BPTT gradient is exactly the derivative of this function with respect to `syn.images` and
     `syn.soft_labels` when the prefix inputs are held fixed, which is what the finite-difference tests check.
-    Returns (meta_loss, start, window).
+    Returns (meta_loss, start, window). The real batch runs whole here (`real_batch_chunks` changes how the
+    gradient is taken, not the function).
     """
-    unroll = Unroll(syn, model_factory, cfg, aug, seed)
-    prefix = syn if prefix is None else prefix
-    params, state = unroll.prefix(prefix.images, prefix.targets)
-
-    # Window: differentiable steps from the (constant) window start.
-    params = [p.requires_grad_(True) for p in params]
-    for _ in range(unroll.window):
-        params, state = unroll.step(params, state, syn.images, syn.targets, create_graph=True)
+    unroll, params = unrolled_window(syn, model_factory, cfg, aug, seed, prefix)
     return unroll.meta_loss(params, real), unroll.start, unroll.window
+
+
+def chunked_meta_loss_and_gradient(
+    syn: SynSet,
+    real: RealBatch,
+    model_factory: ModelFactory,
+    cfg: RatBpttConfig,
+    aug: AugmentConfig,
+    seed: int,
+) -> tuple[Tensor, list[Tensor], int, int]:
+    """(meta-loss, gradient w.r.t. images [and soft labels], start, window) of the plain window with the real batch
+    in `cfg.real_batch_chunks` chunks: the chunks' gradients at the final parameters are summed first, then go back
+    through the window's graph in one backward pass."""
+    unroll, params = unrolled_window(syn, model_factory, cfg, aug, seed)
+    leaves = [syn.images] if syn.soft_labels is None else [syn.images, syn.soft_labels]
+    loss, d_final = unroll.meta_loss_and_gradient([p.detach().requires_grad_(True) for p in params], real)
+    grads = torch.autograd.grad(params, leaves, grad_outputs=d_final)
+    return loss, list(grads), unroll.start, unroll.window
 
 
 def checkpointed_meta_loss_and_gradient(
@@ -246,7 +302,7 @@ def checkpointed_meta_loss_and_gradient(
         return unroll.step(params, state, images, targets, create_graph)
 
     loss, grads = checkpointed_window_gradient(
-        step, lambda p: unroll.meta_loss(p, real), params, state,
+        step, lambda p: unroll.meta_loss_and_gradient(p, real), params, state,
         segment_lengths(unroll.window, cfg.window_segments), leaves, unroll.rng,
     )
     return loss, grads, unroll.start, unroll.window
@@ -276,6 +332,8 @@ def meta_gradient(
     args = (syn, real, model_factory, cfg, aug, seed)
     if cfg.window_segments > 1:
         loss, grads, start, window = checkpointed_meta_loss_and_gradient(*args)
+    elif cfg.real_batch_chunks > 1:
+        loss, grads, start, window = chunked_meta_loss_and_gradient(*args)
     else:
         loss, start, window = unrolled_meta_loss(*args)
         grads = torch.autograd.grad(loss, leaves)
