@@ -17,6 +17,7 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.cafe.config import CafeConfig, validate_section
 from raydistill.methods.cafe.loss import cafe_loss
+from raydistill.methods.cafe.rehearse import rehearse
 from raydistill.methods.matching import (
     MatchingContext,
     NetSchedule,
@@ -27,6 +28,7 @@ from raydistill.methods.matching import (
     validate_common,
     validate_real_batch,
 )
+from raydistill.methods.rehearsal import DataShape, TaskMemory
 
 
 def cafe_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int) -> tuple[Tensor, float, dict]:
@@ -69,6 +71,9 @@ class Cafe(Method):
         grad, loss, stats = cafe_gradient(context, learnables[IMAGES], hard_labels,
                                           task_seed(context.cfg.seed, step, slot))
         return Gradient({IMAGES: grad}, loss, stats)
+
+    def rehearse(self, cfg: DistillConfig, shape: DataShape) -> TaskMemory:
+        return rehearse(cfg, shape)
 
     def describe(self, c: CafeConfig) -> str:
         return (f"cafe embedding={c.embedding_weight} discrimination={c.discrimination_weight} "

@@ -18,6 +18,7 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dc.config import DcConfig, validate_section
 from raydistill.methods.dc.loss import dc_loss
+from raydistill.methods.dc.rehearse import rehearse
 from raydistill.methods.matching import (
     MatchingContext,
     NetSchedule,
@@ -29,6 +30,7 @@ from raydistill.methods.matching import (
     validate_common,
     validate_real_batch,
 )
+from raydistill.methods.rehearsal import DataShape, TaskMemory
 
 
 def dc_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int,
@@ -73,6 +75,9 @@ class GradientMatching(Method):
         seed = task_seed(context.cfg.seed, step, slot)
         grad, loss, stats = dc_gradient(context, learnables[IMAGES], hard_labels, seed, self.siamese)
         return Gradient({IMAGES: grad}, loss, stats)
+
+    def rehearse(self, cfg: DistillConfig, shape: DataShape) -> TaskMemory:
+        return rehearse(cfg, shape, self.siamese)
 
     def describe(self, d: DcConfig) -> str:
         loops = "by ipc" if d.outer_loop is None and d.inner_loop is None else f"{d.outer_loop}/{d.inner_loop}"

@@ -11,7 +11,9 @@ from raydistill.config.schema import DistillConfig
 from raydistill.methods.base import IMAGES, Gradient, Method, WorkerResources, seeded_network, task_seed
 from raydistill.methods.dm.config import DmConfig, validate_section
 from raydistill.methods.dm.loss import dm_loss
+from raydistill.methods.dm.rehearse import rehearse
 from raydistill.methods.matching import MatchingContext, make_context, validate_common, validate_real_batch
+from raydistill.methods.rehearsal import DataShape, TaskMemory
 
 
 def dm_gradient(ctx: MatchingContext, images: Tensor, hard_labels: Tensor, seed: int) -> tuple[Tensor, float]:
@@ -46,6 +48,9 @@ class DistributionMatching(Method):
         cfg = context.cfg
         grad, loss = dm_gradient(context, learnables[IMAGES], hard_labels, task_seed(cfg.seed, step, slot))
         return Gradient({IMAGES: grad}, loss, {})
+
+    def rehearse(self, cfg: DistillConfig, shape: DataShape) -> TaskMemory:
+        return rehearse(cfg, shape)
 
     def describe(self, d: DmConfig) -> str:
         return f"dm batch_real={d.batch_real}"
