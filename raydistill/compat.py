@@ -79,6 +79,9 @@ INTERNALS: dict[str, Internal] = {entry.name: entry for entry in (
     Internal("torch.ops.aten._slow_conv2d_forward", "torch",
              "for ATen's im2col convolution of single-input-channel first layers on the CPU, faster there than "
              "oneDNN's (raydistill.models.layers.Conv2d)"),
+    Internal("torch.utils._python_dispatch.TorchDispatchMode", "torch",
+             "to see every ATen op one rehearsed gradient task runs on the meta device and count the bytes its "
+             "results hold (raydistill.memory, the memory planner)"),
 )}
 
 
@@ -181,6 +184,14 @@ def native_group_norm_backward(gy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor
     return torch.ops.aten.native_group_norm_backward(gy, x, mean, rstd, weight, n, c, hw, group, output_mask)
 
 
+def dispatch_mode_base() -> type:
+    """torch's TorchDispatchMode: a context manager whose `__torch_dispatch__(func, types, args, kwargs)` runs
+    every ATen op called inside it, the autograd engine's backward ops included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    return TorchDispatchMode
+
+
 def slow_conv2d_forward(x: Tensor, weight: Tensor, kernel_size, bias: Tensor | None, stride, padding) -> Tensor:
     """ATen's im2col + GEMM convolution (the "thnn" kernel), differentiable to every order like F.conv2d."""
     return torch.ops.aten._slow_conv2d_forward(x, weight, kernel_size, bias, stride, padding)
@@ -188,6 +199,7 @@ def slow_conv2d_forward(x: Tensor, weight: Tensor, kernel_size, bias: Tensor | N
 
 __all__ = ["INTERNALS", "Internal", "LOOPBACK", "RAY_CHECKED", "RAY_COLOR_PREFIX", "RAY_TRAIN_STORAGE_LOGGERS",
            "RAY_WORKER_DIED", "RAY_WORKER_EXIT", "RAY_WORKER_PID", "TORCH_CHECKED", "dashboard_dependency_error",
+           "dispatch_mode_base",
            "loopback_init_kwargs", "loopback_only", "native_group_norm", "native_group_norm_backward",
            "prepare_cluster_config", "ray_node_classes", "slow_conv2d_forward", "under_func_transform",
            "validate_cluster_config"]

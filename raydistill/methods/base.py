@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config.schema import DistillConfig
+from raydistill.methods.rehearsal import DataShape, TaskMemory
 from raydistill.models.registry import network_from_seed
 
 IMAGES, SOFT_LABELS = "images", "soft_labels"  # the learnables every method has (labels only when learned)
@@ -51,6 +52,16 @@ class Gradient:
     loss: float
     stats: dict = field(default_factory=dict)  # JSON-able; the engine logs it as it is
     slot_state: dict[str, np.ndarray] | None = None  # the slot's state after this task (None: the method keeps none)
+
+
+@dataclass(frozen=True)
+class Lever:
+    """A setting that lowers a gradient task's memory, for the planner's suggestions (raydistill.plan.fit)."""
+
+    field: str  # the dotted config field, e.g. "ratbptt.window_segments"
+    values: list  # from the weakest to the strongest; memory falls along them
+    time_factor: float  # about how much longer a step takes with it
+    same_gradient: bool  # True: the same gradient up to float rounding; False: a different algorithm
 
 
 ModelFactory = Callable[[], nn.Module]  # a worker's "model_factory" resource: a fresh network per call
@@ -117,3 +128,17 @@ class Method:
     def describe(self, section: Any) -> str:
         """One line for `raydistill presets`."""
         return self.name
+
+    def rehearse(self, cfg: DistillConfig, shape: DataShape) -> TaskMemory | None:
+        """The peak memory of one gradient task for `cfg` on data of `shape`, by term, from a rehearsal on the meta
+        device (raydistill.methods.rehearsal); None: this method has no rehearsal, and the planner says so."""
+        return None
+
+    def memory_levers(self, cfg: DistillConfig) -> list[Lever]:
+        """The settings that lower this method's task memory (none by default)."""
+        return []
+
+    def approximate_peak(self, cfg: DistillConfig, task: TaskMemory, changes: dict[str, Any]) -> int | None:
+        """A quick estimate of the task's peak with some levers changed, from `task` (cfg's rehearsal), for ranking
+        candidates before the chosen one is rehearsed; None: rehearse every candidate."""
+        return None

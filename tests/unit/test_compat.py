@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from raydistill import compat
 from raydistill.compat import INTERNALS
 
+
 def entry(name: str) -> compat.Internal:
     """The INTERNALS entry a test checks (the last test reads these calls to see that every entry has one)."""
     return INTERNALS[name]
@@ -226,6 +227,26 @@ def test_slow_conv2d_forward_is_conv2d_with_derivatives():
                                    msg=lambda m: e.changed(f"its derivative is not F.conv2d's: {m}"))
     assert torch.autograd.gradgradcheck(lambda *a: compat.slow_conv2d_forward(*a[:2], (3, 3), a[2], (1, 1), (1, 1)),
                                         (x, w, b)), e.changed("no second derivative")
+
+
+def test_a_dispatch_mode_sees_forward_and_backward_ops():
+    e = entry("torch.utils._python_dispatch.TorchDispatchMode")
+    try:
+        base = compat.dispatch_mode_base()
+    except (AttributeError, ImportError) as exc:
+        raise AssertionError(e.changed(f"gone ({exc})")) from None
+    seen = []
+
+    class Record(base):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.ones(3, requires_grad=True)
+    with Record():
+        (x * x).sum().backward()
+    assert any("mul" in op for op in seen), e.changed(f"the forward's ops were not seen ({seen})")
+    assert len([op for op in seen if "mul" in op]) >= 2, e.changed("the backward's ops were not seen")
 
 
 # ------------------------------------------------------------------------------------------------------ the module
