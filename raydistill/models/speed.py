@@ -35,6 +35,8 @@ reads those as booleans.)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -66,6 +68,29 @@ def resolve(mode: str) -> frozenset[str]:
     if mode == "none":
         return frozenset()
     return auto_kernels(cpu_capability())
+
+
+_CPU_DEVICES = frozenset({"cpu"})
+
+
+def on_cpu(x: torch.Tensor) -> bool:
+    """Whether `x` is where Winograd's CPU-only path runs: the CPU, and the meta device while a memory rehearsal
+    plans for the CPU (`rehearsing_the_cpu`). The im2col path has no meta kernel: a rehearsal runs the native
+    convolution there (a single-channel first layer: its im2col buffer is small)."""
+    return x.device.type in _CPU_DEVICES
+
+
+@contextlib.contextmanager
+def rehearsing_the_cpu():
+    """Inside, Winograd's CPU-only path takes meta tensors as the CPU's, so a rehearsal on the meta device
+    (raydistill.methods.rehearsal) runs the path a CPU worker runs and counts what it holds."""
+    global _CPU_DEVICES
+    before = _CPU_DEVICES
+    _CPU_DEVICES = frozenset({"cpu", "meta"})
+    try:
+        yield
+    finally:
+        _CPU_DEVICES = before
 
 
 class SpeedLayer:

@@ -28,6 +28,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from raydistill.models.speed import on_cpu
+
 TILE, SPAN = 2, 4  # output tile side, input tile side (TILE + 3 - 1)
 _BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))  # input transform (points 0, 1, -1, infinity)
 _G = ((1, 0, 0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0, 0, 1))  # filter transform
@@ -47,7 +49,7 @@ def winograd_applies(x: Tensor, conv: torch.nn.Conv2d) -> bool:
     """Whether `conv(x)` takes the Winograd path: a 3x3, stride 1, padding 1, ungrouped convolution of a 4-D float
     tensor on the CPU, with at least MIN_CHANNELS channels in and out and at most MAX_INPUT_ELEMENTS input elements.
     Autocast keeps the native kernel (its bf16 convolution is what the option asks for)."""
-    return (x.device.type == "cpu" and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
+    return (on_cpu(x) and x.dim() == 4 and x.dtype in (torch.float32, torch.float64)
             and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
             and min(conv.in_channels, conv.out_channels) >= MIN_CHANNELS and x.numel() <= MAX_INPUT_ELEMENTS
@@ -189,7 +191,7 @@ def _filter_transform(like: Tensor) -> Tensor:
     key = (like.dtype, like.device)
     if key not in _FILTER_TRANSFORMS:
         g = torch.tensor(_G, dtype=torch.float64)
-        _FILTER_TRANSFORMS[key] = torch.kron(g, g).to(like.dtype)
+        _FILTER_TRANSFORMS[key] = torch.kron(g, g).to(device=like.device, dtype=like.dtype)
     return _FILTER_TRANSFORMS[key]
 
 

@@ -8,10 +8,21 @@ import numpy as np
 from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.base import IMAGES, SOFT_LABELS, Gradient, Method, ModelFactory, WorkerResources, task_seed
+from raydistill.methods.base import (
+    IMAGES,
+    SOFT_LABELS,
+    Gradient,
+    Lever,
+    Method,
+    ModelFactory,
+    WorkerResources,
+    task_seed,
+)
 from raydistill.methods.ratbptt.batched import batched_meta_gradient
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
+from raydistill.methods.ratbptt.rehearse import approximate_peak, memory_levers, rehearse
+from raydistill.methods.rehearsal import DataShape, TaskMemory
 
 
 @dataclass
@@ -52,6 +63,15 @@ class RatBptt(Method):
         if g.starts is not None:
             stats["starts"] = g.starts
         return Gradient(grads, g.meta_loss, stats)
+
+    def rehearse(self, cfg: DistillConfig, shape: DataShape) -> TaskMemory:
+        return rehearse(cfg, shape)
+
+    def memory_levers(self, cfg: DistillConfig) -> list[Lever]:
+        return memory_levers(cfg)
+
+    def approximate_peak(self, cfg: DistillConfig, task: TaskMemory, changes: dict) -> int:
+        return approximate_peak(cfg, task, changes)
 
     def describe(self, r: RatBpttConfig) -> str:
         return f"ratbptt T={r.unroll} W={r.window} {r.window_mode}"
