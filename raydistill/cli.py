@@ -1,4 +1,4 @@
-"""The `raydistill` command: distill, boost, eval, tune, prepare, show, export, presets."""
+"""The `raydistill` command: distill, boost, eval, tune, prepare, plan, show, export, presets."""
 
 from __future__ import annotations
 
@@ -13,10 +13,15 @@ from raydistill.config.loading import preset_names
 from raydistill.data.prepare import PrepareOptions, prepare
 from raydistill.data.registry import DataError
 from raydistill.engine.boost import boost, evaluate_budgets
-from raydistill.engine.driver import EngineError, distill
+from raydistill.engine.driver import EngineError, Hooks, distill
+from raydistill.engine.memory import machine_memory
 from raydistill.evaluate.results import EvalOptions, run_evaluation
 from raydistill.methods.registry import get_method
 from raydistill.models.registry import MODELS
+from raydistill.plan import GPUS, Device, gpu, gpu_of_size, parse_memory, plan, plan_data, suggest
+from raydistill.plan.check import FIT_MODES
+from raydistill.plan.presets import cache_file, cached_peaks
+from raydistill.plan.report import render
 from raydistill.runtime import set_threads
 from raydistill.setup import config_from_dict, config_to_dict, load_checked, load_config
 from raydistill.storage.artifact import ArtifactError, read_distilled, write_distilled
@@ -45,6 +50,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_log_every(p)
     p.add_argument("--in-process", action="store_true",
                    help="run the server and workers in this process instead of on Ray (debugging, notebooks)")
+    p.add_argument("--fit", choices=FIT_MODES, default="check",
+                   help="the memory check before the run starts: check (stop with the setting that would fit), auto "
+                        "(apply it and say so) or off (default: check)")
 
 
 def _add_distill(sub: argparse._SubParsersAction) -> None:
@@ -99,6 +107,19 @@ def _add_tune(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no Tune status tables")
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="predict each process's peak memory for a config, and whether it fits a device")
+    p.add_argument("--preset", default="quickstart", help="a shipped preset name or a YAML file (default: quickstart)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field (repeatable)")
+    device = p.add_mutually_exclusive_group()
+    device.add_argument("--gpu", help=f"plan for one GPU of this model: {', '.join(GPUS)}")
+    device.add_argument("--gpu-memory", metavar="SIZE", help="plan for a GPU with this much memory, e.g. 24GiB")
+    device.add_argument("--cpu-memory", metavar="SIZE",
+                        help="plan for CPU workers with this much memory each (default: this machine's memory "
+                             "divided by ray.workers)")
+
+
 def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("prepare", help="decode, resize and shard a data set once into Parquet (data.name: parquet)")
     p.add_argument("source", metavar="SOURCE",
@@ -125,6 +146,7 @@ def parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_tune(sub)
     _add_prepare(sub)
+    _add_plan(sub)
     show = sub.add_parser("show", help="summarise a run directory")
     show.add_argument("run_dir", metavar="RUN_DIR")
     export = sub.add_parser("export", help="write (a prefix of) a distilled set as a standalone Parquet file")
@@ -174,7 +196,8 @@ def _start_or_resume(args: argparse.Namespace, run: Callable[..., dict], new_con
     `changes` names the flags given that would change a config (a resumed run keeps its own), "" when none were.
     """
     _check_in_process(args)
-    options = dict(progress=not args.quiet, evaluate=not args.no_eval, in_process=args.in_process, **extra)
+    options = dict(progress=not args.quiet, evaluate=not args.no_eval, in_process=args.in_process,
+                   hooks=Hooks(fit=args.fit), **extra)
     if args.resume:
         if changes:
             raise ConfigError(f"--resume: a resumed run keeps its own config; drop {changes}")
@@ -279,16 +302,37 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(_: argparse.Namespace) -> int:
+    def planning(name: str) -> None:
+        print(f"planning {name} (once; kept in {cache_file()})", file=sys.stderr, flush=True)
+
+    peaks = cached_peaks(progress=planning)
+    print(f"{'preset':28s} {'data':14s} {'IPC':>4s}  {'model':18s} {'peak per worker':>22s}  method")
     for name in preset_names():
         cfg = load_config(name, check_paths=False)
         method = get_method(cfg.method).describe(cfg.method_config)
-        print(f"{name:24s} {cfg.data.name:14s} IPC {cfg.ipc:<3d} {cfg.model.name}-{cfg.model.depth} w{cfg.model.width:<4d}"
-              f" {method} steps={cfg.steps}")
+        peak = peaks[name]
+        print(f"{name:28s} {cfg.data.name:14s} {cfg.ipc:4d}  {cfg.model.name}-{cfg.model.depth} w{cfg.model.width:<7d} "
+              f"{peak:>22s}  {method} steps={cfg.steps}")
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    cfg = load_config(args.preset, args.overrides, check_paths=False)
+    if args.gpu:
+        device = gpu(args.gpu).shared(cfg.ray.gpus_per_worker)
+    elif args.gpu_memory:
+        device = gpu_of_size(parse_memory(args.gpu_memory)).shared(cfg.ray.gpus_per_worker)
+    else:
+        memory = parse_memory(args.cpu_memory, "--cpu-memory") if args.cpu_memory else \
+            machine_memory() // cfg.ray.workers
+        device = Device("CPU workers" if args.cpu_memory else "this machine's CPU per worker", "cpu", memory)
+    result = plan(cfg, plan_data(cfg), device)
+    print(render(result, suggest(result), Path(args.preset).stem))
+    return 0 if result.fits is not False else 1
+
+
 COMMANDS = {"distill": cmd_distill, "boost": cmd_boost, "eval": cmd_eval, "show": cmd_show, "export": cmd_export,
-            "presets": cmd_presets, "tune": cmd_tune, "prepare": cmd_prepare}
+            "presets": cmd_presets, "tune": cmd_tune, "prepare": cmd_prepare, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

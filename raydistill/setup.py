@@ -72,6 +72,9 @@ def check(cfg: DistillConfig, check_paths: bool = True) -> None:
 
 def validate_against_data(cfg: DistillConfig, num_train: int, num_classes: int, num_val: int) -> None:
     """Checks that need the loaded data set's sizes."""
+    if cfg.data.classes is not None and cfg.data.classes != num_classes:
+        raise ConfigError(f"data.classes: the config expects {cfg.data.classes} classes, the data set has "
+                          f"{num_classes}; set data.classes={num_classes} or point data.root at the intended set")
     if cfg.eval.every and num_val == 0:
         raise ConfigError("eval.every: validation needs a validation split; set data.val_size > 0 or eval.every=0")
     get_method(cfg.method).validate_against_data(cfg.method_config, cfg, num_train, num_classes)

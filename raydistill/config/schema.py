@@ -33,6 +33,11 @@ class DataConfig:
     # every resample_every meta-steps (raydistill.engine.shared_data); below it, the whole split.
     cache_gb: float = 8.0
     resample_every: int = 100
+    # The data set's class count and training-split size, for `raydistill plan` where it cannot read them (a
+    # prepared set not reachable from here). A loaded set must have `classes` classes (checked); train_images only
+    # sizes the planner's held-data term.
+    classes: int | None = None
+    train_images: int | None = None
 
 
 @dataclass

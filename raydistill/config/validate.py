@@ -76,8 +76,9 @@ def _validate_data(cfg: DistillConfig) -> None:
     positive(d.zca_reg, "data.zca_reg")
     positive(d.cache_gb, "data.cache_gb")
     positive(d.resample_every, "data.resample_every")
-    if d.image_size is not None:
-        positive(d.image_size, "data.image_size")
+    for field in ("image_size", "classes", "train_images"):
+        if getattr(d, field) is not None:
+            positive(getattr(d, field), f"data.{field}")
 
 
 def _validate_eval(cfg: DistillConfig) -> None:

@@ -9,13 +9,17 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import ray
 import torch
 
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.engine.driver import Hooks, distill
+from raydistill.engine.memory import fit_changes
 from raydistill.evaluate.results import EvalOptions, run_evaluation
 from raydistill.methods.base import IMAGES, SOFT_LABELS
 from raydistill.methods.registry import get_method
+from raydistill.plan import with_changes
+from raydistill.runtime import connect
 from raydistill.setup import load_checked
 from raydistill.storage import run_dir as rundir
 from raydistill.storage.artifact import BUDGETS_FILE, read_distilled
@@ -39,7 +43,7 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
 
     `engine` goes to every stage's `distill` (in_process, hooks); each stage starts from the previous stage's set
     (its hooks' `initial`), and the steps that the hooks' on_validation sees count from the start of the whole
-    schedule, not of the stage.
+    schedule, not of the stage. The hooks' `fit` (the pre-launch memory check) is made once, for the whole set.
     """
     run, cfg = rundir.open_run(out, cfg, resume)
     if cfg is None:
@@ -48,8 +52,31 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
         raise ConfigError("boost.stages: empty; give --block/--blocks or a boost.stages list in the YAML")
     final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
     dataset = load_checked(final_cfg)
-    if not resume:
-        run = rundir.create(run, cfg)
+    in_process = engine.get("in_process", False)
+    started = False if in_process else connect(cfg.ray.address)  # one Ray for every stage
+    try:
+        if not resume:  # the memory check of the largest stage (the whole set); its changes hold for every stage
+            changes = fit_changes(final_cfg, dataset, in_process, engine.get("hooks", Hooks()).fit)
+            if changes:
+                cfg = with_changes(cfg, changes)
+                final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
+            run = rundir.create(run, cfg)
+        return _run_stages(cfg, run, dataset, StageOptions(progress, evaluate, budgets), engine)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOptions:
+    progress: bool
+    evaluate: bool
+    budgets: list[int] | None
+
+
+def _run_stages(cfg: DistillConfig, run, dataset, options: StageOptions, engine: dict) -> dict:
+    progress, evaluate, budgets = options.progress, options.evaluate, options.budgets
+    final_cfg = dataclasses.replace(cfg, ipc=total_ipc(cfg))
 
     method = get_method(cfg.method)
     current: SyntheticSet | None = None
@@ -70,7 +97,7 @@ def boost(cfg: DistillConfig | None, out: str | Path, *, resume: bool = False, p
         stage_hook = None if hook is None else (
             lambda step, acc, best, done_before=done_before: hook(done_before + step, acc, best))
         distill(block_cfg, folder, resume=folder.exists(), progress=progress, evaluate=False,
-                hooks=dataclasses.replace(hooks, initial=start, on_validation=stage_hook), **engine)
+                hooks=dataclasses.replace(hooks, initial=start, on_validation=stage_hook, fit="off"), **engine)
         current = load_stage_result(folder)
 
     rundir.save_distilled(run, current.learnables, current.hard_labels, current.blocks, dataset, final_cfg,

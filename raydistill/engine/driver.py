@@ -30,12 +30,14 @@ from raydistill.config import DistillConfig
 from raydistill.data.registry import Dataset
 from raydistill.engine.backend import BACKENDS
 from raydistill.engine.cluster import WorkerPlacement, driver_node_strategy, placement_state, worker_resources
+from raydistill.engine.memory import fit_changes
 from raydistill.engine.metrics_log import add_missing_step, keep_metrics_up_to, step_record
 from raydistill.engine.server import ParameterServer
 from raydistill.engine.shared_data import share
 from raydistill.engine.worker import GradientWorker, ValidatorActor, validator_options, worker_options
 from raydistill.evaluate.results import EvalOptions, RunOutcome, finish
 from raydistill.methods.registry import get_method
+from raydistill.plan import with_changes
 from raydistill.runtime import SMALL_NETWORK_GPU_SHARE, connect
 from raydistill.setup import load_checked
 from raydistill.storage import run_dir as rundir
@@ -62,6 +64,7 @@ class Hooks:
     initial: SyntheticSet | None = None
     placement: WorkerPlacement | None = None
     on_validation: ValidationHook | None = None
+    fit: str = "check"  # a new run's memory check before it starts (raydistill.plan.check): check, auto or off
 
 
 class EngineError(RuntimeError):
@@ -356,6 +359,9 @@ def distill(cfg: DistillConfig | None, out: str | Path, *, in_process: bool = Fa
     started = False if in_process else connect(cfg.ray.address)
     placement = hooks.placement
     try:
+        if not resume:
+            changes = fit_changes(cfg, dataset, in_process, hooks.fit)
+            cfg = with_changes(cfg, changes) if changes else cfg
         if placement is None and not in_process:
             bundle = worker_resources(cfg.ray)  # so does a request the cluster can never meet
             placement = WorkerPlacement(bundle, cfg.ray.workers, cfg.ray.placement_timeout_s)

@@ -19,7 +19,7 @@ from raydistill.config import AugmentConfig, DistillConfig, EvalConfig
 from raydistill.data.augment import augment
 from raydistill.data.registry import Dataset
 from raydistill.models.losses import soft_cross_entropy
-from raydistill.models.registry import build_network, network_from_seed
+from raydistill.models.registry import build_network, inference_batch, network_from_seed
 
 Progress = Callable[[], None]
 
@@ -103,9 +103,10 @@ def train_network(
 
 
 @torch.no_grad()
-def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch: int = 2048) -> float:
-    """Top-1 accuracy of `model` on (x, y), in percent."""
+def accuracy(model: torch.nn.Module, x: Tensor, y: Tensor, batch: int | None = None) -> float:
+    """Top-1 accuracy of `model` on (x, y), in percent; `batch` images per forward (None: `inference_batch`)."""
     model.eval()
+    batch = batch or inference_batch(tuple(x.shape[1:]))
     correct = 0
     for i in range(0, x.shape[0], batch):
         correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())

@@ -27,6 +27,7 @@ from raydistill.config import ConfigError, DistillConfig
 from raydistill.engine.boost import boost
 from raydistill.engine.cluster import TrialPlacement, worker_bundle
 from raydistill.engine.driver import Hooks, distill
+from raydistill.engine.memory import fit_changes
 from raydistill.engine.worker import GradientWorker, validate_snapshot
 from raydistill.setup import load_checked
 from raydistill.storage.artifact import read_distilled
@@ -45,9 +46,11 @@ REJECTED_BUNDLE = {"CPU": 0.1}  # enough to read a config; a rejected trial shou
 
 
 def checked_config(sweep: Sweep, params: dict[str, Any]) -> tuple[DistillConfig, list[int]]:
-    """trial_config plus the checks against the data set (batch sizes, classes); ConfigError when invalid."""
+    """trial_config plus the checks against the data set (batch sizes, classes) and the memory check against what
+    the cluster gives a worker (raydistill.plan.check); ConfigError when invalid or when it cannot fit."""
     cfg, budgets = trial_config(sweep, params)
-    load_checked(dataclasses.replace(cfg, ipc=total_ipc(cfg)))  # a boosted set holds every block
+    whole = dataclasses.replace(cfg, ipc=total_ipc(cfg))  # a boosted set holds every block
+    fit_changes(whole, load_checked(whole), in_process=False, fit="check")
     return cfg, budgets
 
 
@@ -174,7 +177,7 @@ def run_trial(config: dict, sweep: dict, worker_cls: type | None = None) -> None
     total = total_steps(cfg)
     reporter = Reporter(run, total, steps_done(run, cfg) if resume else 0)
     engine = {"hooks": Hooks(worker_cls=worker_cls or GradientWorker, placement=placement,
-                             on_validation=reporter.validated)}
+                             on_validation=reporter.validated, fit="off")}  # checked with the sample's other checks
     began = time.perf_counter()
     if cfg.boost.stages:
         boost(None if resume else cfg, run, resume=resume, progress=False, evaluate=False, **engine)

@@ -63,6 +63,25 @@ def test_invalid_samples_are_rejected_with_the_validators_reason(tmp_path):
         checked_config(sweep, {"ratbptt.window": 8, "ratbptt.real_batch": 64})
 
 
+@needs_fashion
+def test_a_sample_that_cannot_fit_a_worker_is_rejected_with_the_setting_that_would(tmp_path, monkeypatch):
+    from raydistill.engine import memory
+    from raydistill.plan import Device
+
+    sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 4]}}))
+    cfg, _ = checked_config(sweep, {"ratbptt.window": 4})
+    tight = 0.7 * tune_plan_peak(cfg)
+    monkeypatch.setattr(memory, "ray_worker_device", lambda cfg: Device("a small worker", "cpu", int(tight)))
+    with pytest.raises(ConfigError, match=r"^memory: one gradient worker needs about .* --set ratbptt\."):
+        checked_config(sweep, {"ratbptt.window": 4})
+
+
+def tune_plan_peak(cfg) -> int:
+    from raydistill.plan import CPU, plan, plan_data
+
+    return plan(cfg, plan_data(cfg), CPU).worker.peak
+
+
 def test_a_boosting_sample_with_a_budget_above_its_ipc_is_rejected(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, boost={"beta": 0.1, "steps_per_block": 2, "budgets": [1, 3]},
                                    metric="val_acc_mean",

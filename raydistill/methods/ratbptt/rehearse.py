@@ -169,8 +169,9 @@ def rehearse(cfg: DistillConfig, shape: DataShape) -> TaskMemory:
     peak = max(peaks.values())
     steps = L if r.window_segments > 1 else window
     fwd = min(forward * steps, held_window)
-    terms[f"window activations ({steps} steps)"] = fwd
-    terms[f"window double backward ({steps} steps)"] = held_window - fwd
+    of = f"{steps} step{'s' if steps != 1 else ''}"
+    terms[f"window activations ({of})"] = fwd
+    terms[f"window double backward ({of})"] = held_window - fwd
     chunk = math.ceil(r.real_batch / r.real_batch_chunks)
     terms[f"real batch ({chunk} images at once)"] = real
     terms["backward and transients"] = max(0, peak - sum(terms.values()))
