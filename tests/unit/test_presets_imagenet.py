@@ -7,9 +7,8 @@ import torch
 from raydistill.cli import main
 from raydistill.config import ConfigError
 from raydistill.config.loading import PRESETS
-from raydistill.setup import load_config
-from raydistill.setup import check_archs
 from raydistill.models.registry import create_model
+from raydistill.setup import check_archs, load_config
 
 SUBSETS = {f"{name}-ipc{ipc}": (name, ipc) for name in ("imagenette", "imagewoof") for ipc in (1, 10)}
 
@@ -28,10 +27,12 @@ def test_subset_presets_are_mtts_convnet5_at_128_px_on_prepared_parquet(preset):
     assert "raydistill prepare" in header and f"--classes {name}" in header and "--image-size 128" in header
 
 
-def test_imagewoof_presets_differ_from_imagenette_only_in_their_comment():
+def test_imagewoof_presets_differ_from_imagenette_only_in_their_comment_and_training_size():
     for ipc in (1, 10):
-        assert load_config(f"imagewoof-ipc{ipc}", check_paths=False) == \
-            load_config(f"imagenette-ipc{ipc}", check_paths=False)
+        woof, nette = (load_config(f"{name}-ipc{ipc}", check_paths=False) for name in ("imagewoof", "imagenette"))
+        assert (woof.data.train_images, nette.data.train_images) == (9025, 9469)
+        woof.data.train_images = nette.data.train_images
+        assert woof == nette
 
 
 def test_imagenet64_preset_reads_a_prepared_64px_set_with_convnet4():
