@@ -326,7 +326,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         memory = parse_memory(args.cpu_memory, "--cpu-memory") if args.cpu_memory else \
             machine_memory() // cfg.ray.workers
         device = Device("CPU workers" if args.cpu_memory else "this machine's CPU per worker", "cpu", memory)
-    result = plan(cfg, plan_data(cfg), device)
+    result = plan(cfg, plan_data(cfg), device, count_flops=True)
     print(render(result, suggest(result), Path(args.preset).stem))
     return 0 if result.fits is not False else 1
 

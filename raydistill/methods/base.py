@@ -134,6 +134,11 @@ class Method:
         device (raydistill.methods.rehearsal); None: this method has no rehearsal, and the planner says so."""
         return None
 
+    def step_flops(self, cfg: DistillConfig, shape: DataShape) -> float | None:
+        """Floating-point operations of one average gradient task, counted in a rehearsal (for the planner's rough
+        step time); None: not counted."""
+        return None
+
     def memory_levers(self, cfg: DistillConfig) -> list[Lever]:
         """The settings that lower this method's task memory (none by default)."""
         return []

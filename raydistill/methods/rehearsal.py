@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from raydistill.memory import LiveBytes
 
@@ -48,14 +49,18 @@ class Phase:
     start: int = 0
     end: int = 0
     peak: int = 0
+    flops: int = 0  # floating-point operations during the phase, when the recorder counts them
 
 
 class PhaseRecorder:
     """Phases of one rehearsal, recorded on a LiveBytes by name: `with rec.phase("window"): ...`."""
 
-    def __init__(self, meter: LiveBytes):
-        self.meter = meter
+    def __init__(self, meter: LiveBytes, counter: FlopCounterMode | None = None):
+        self.meter, self.counter = meter, counter
         self.phases: dict[str, Phase] = {}
+
+    def flops(self) -> int:
+        return 0 if self.counter is None else self.counter.get_total_flops()
 
     def phase(self, name: str) -> _PhaseScope:
         return _PhaseScope(self, name)
@@ -68,11 +73,12 @@ class _PhaseScope:
     def __enter__(self) -> None:
         m = self.rec.meter
         m.reset_peak()
-        self.rec.phases[self.name] = Phase(start=m.live)
+        self.rec.phases[self.name] = Phase(start=m.live, flops=-self.rec.flops())
 
     def __exit__(self, *exc) -> None:
         m, p = self.rec.meter, self.rec.phases[self.name]
         p.end, p.peak = m.live, m.peak
+        p.flops += self.rec.flops()
 
 
 def meta_empty(shape: tuple[int, ...], dtype: torch.dtype = torch.float32, requires_grad: bool = False) -> Tensor:

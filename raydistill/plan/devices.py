@@ -33,6 +33,9 @@ GPUS = {
 GPU_CONTEXT = 512 * MIB  # CUDA context, cuDNN and cuBLAS handles and workspaces: outside the tensors
 GPU_SLACK = 1.10  # the caching allocator's rounding and fragmentation over the bytes the tensors hold
 CPU_SCALE = 1.24  # peak RSS = CPU_SCALE x rehearsed bytes (benchmarks/bench_plan.py --fit)
+# One torch thread of the calibration CPU ran the calibration configs' tasks at 4 to 35 GFLOP/s (narrow networks
+# lowest, width 128 highest); the median turns a task's counted operations into a rough step time.
+CPU_GFLOPS = 15.0
 HEADROOM = 0.10  # a plan fits when its peak leaves this share of the device's memory free
 
 _UNITS = {"": 1, "b": 1, "k": KIB, "kb": 1000, "kib": KIB, "m": MIB, "mb": 10**6, "mib": MIB, "g": GIB, "gb": GB,

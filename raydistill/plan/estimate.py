@@ -35,6 +35,7 @@ class Estimate:
     notes: list[str] = field(default_factory=list)
     on: str = "device"  # "device" (the worker's GPU or CPU slot) or "host" (the parameter server)
     task: TaskMemory | None = None  # the gradient worker's rehearsal
+    flops: float | None = None  # floating-point operations of one average task (when counted)
 
 
 @dataclass
@@ -150,9 +151,13 @@ def server_estimate(cfg: DistillConfig, data: PlanData) -> Estimate:
     return Estimate("parameter server", sum(terms.values()), sum(terms.values()), terms, on="host")
 
 
-def plan(cfg: DistillConfig, data: PlanData, device: Device) -> Plan:
-    """The run's plan on `device` (the memory one worker gets: a GPU share, or a CPU node's memory per worker)."""
+def plan(cfg: DistillConfig, data: PlanData, device: Device, count_flops: bool = False) -> Plan:
+    """The run's plan on `device` (the memory one worker gets: a GPU share, or a CPU node's memory per worker);
+    `count_flops` also counts a task's floating-point operations, for a rough step time."""
     estimates = [worker_estimate(cfg, data, device)]
+    if count_flops:
+        with rehearsing_the_cpu() if device.kind == "cpu" else contextlib.nullcontext():
+            estimates[0].flops = get_method(cfg.method).step_flops(cfg, data.shape)
     if cfg.eval.every:
         estimates.append(_network_estimate("validator", cfg, data, device, max(cfg.data.val_size, 0)))
     estimates.append(_network_estimate("evaluation task", cfg, data, device, data.test_images))

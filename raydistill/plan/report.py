@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from raydistill.plan.devices import HEADROOM, format_bytes
+from raydistill.plan.devices import CPU_GFLOPS, HEADROOM, format_bytes
 from raydistill.plan.estimate import Estimate, Plan
 from raydistill.plan.fit import Suggestion
 
@@ -24,6 +24,18 @@ def _terms(e: Estimate) -> list[str]:
     return [f"      {name:44s} {format_bytes(value):>10s}" for name, value in shown if value > 0]
 
 
+def _time(p: Plan) -> str:
+    flops = p.worker.flops
+    if not flops:
+        return "  step time: not estimated (the method's operations are not counted)"
+    text = f"  compute: {flops / 1e9:,.0f} GFLOP per gradient task"
+    if p.device.kind == "cpu":
+        seconds = flops / (CPU_GFLOPS * 1e9)
+        return (f"{text}; roughly {seconds:,.0f} s per task on one thread of the calibration CPU (its median "
+                f"{CPU_GFLOPS:g} GFLOP/s; 4 to 35 across configs, benchmarks/README.md)")
+    return f"{text}; no step time: the planner has no GPU calibration yet"
+
+
 def render(p: Plan, suggestions: list[Suggestion], title: str) -> str:
     cfg, dev = p.config, p.device
     budget = (f"; a worker may use {format_bytes(p.budget)} ({1 - HEADROOM:.0%} of {format_bytes(dev.memory)})"
@@ -37,6 +49,7 @@ def render(p: Plan, suggestions: list[Suggestion], title: str) -> str:
         lines.append(f"  {e.role:18s} {peak:>10s}   {_verdict(p, e)}")
         lines.extend(_terms(e))
         lines.extend(f"      note: {n}" for n in e.notes)
+    lines.append(_time(p))
     if p.fits is True:
         lines.append("fits.")
     elif p.fits is None:

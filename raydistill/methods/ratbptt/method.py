@@ -21,7 +21,7 @@ from raydistill.methods.base import (
 from raydistill.methods.ratbptt.batched import batched_meta_gradient
 from raydistill.methods.ratbptt.config import RatBpttConfig, validate_against_data, validate_section
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
-from raydistill.methods.ratbptt.rehearse import approximate_peak, memory_levers, rehearse
+from raydistill.methods.ratbptt.rehearse import approximate_peak, memory_levers, rehearse, step_flops
 from raydistill.methods.rehearsal import DataShape, TaskMemory
 
 
@@ -69,6 +69,9 @@ class RatBptt(Method):
 
     def memory_levers(self, cfg: DistillConfig) -> list[Lever]:
         return memory_levers(cfg)
+
+    def step_flops(self, cfg: DistillConfig, shape: DataShape) -> float:
+        return step_flops(cfg, shape)
 
     def approximate_peak(self, cfg: DistillConfig, task: TaskMemory, changes: dict) -> int:
         return approximate_peak(cfg, task, changes)

@@ -16,11 +16,13 @@ The plain path is rehearsed at W = 1 and 2 and each phase extrapolated to W; the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import replace
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import FlopCounterMode
 
 from raydistill.config.schema import DistillConfig
 from raydistill.memory import LiveBytes
@@ -78,11 +80,12 @@ def _setup(rec: PhaseRecorder, unroll: Unroll, syn: SynSet) -> tuple[list[Tensor
     return params, state
 
 
-def _plain(cfg: DistillConfig, shape: DataShape, steps: int) -> PhaseRecorder:
+def _plain(cfg: DistillConfig, shape: DataShape, steps: int, counter: FlopCounterMode | None = None
+           ) -> PhaseRecorder:
     unroll, syn, real = _unroll(cfg, shape)
     leaves = [t for t in (syn.images, syn.soft_labels) if t is not None]
-    with LiveBytes() as meter:
-        rec = PhaseRecorder(meter)
+    with contextlib.nullcontext() if counter is None else counter, LiveBytes() as meter:
+        rec = PhaseRecorder(meter, counter)
         params, state = _setup(rec, unroll, syn)
         params = [p.requires_grad_(True) for p in params]
         with rec.phase("forward"):  # what one step's forward keeps (its activations), dropped again
@@ -129,6 +132,28 @@ def _checkpointed(cfg: DistillConfig, shape: DataShape, lengths: list[int]) -> P
         seg = rec.phases["segments"]
         seg.peak, seg.end = meter.peak, meter.live
     return rec
+
+
+def mean_start_and_window(r: RatBpttConfig) -> tuple[float, float]:
+    """The average window start (the prefix's steps) and window length a task of this section draws."""
+    T, W = r.unroll, r.window
+    return {"random": ((T - W) / 2, W), "end": (T - W, W), "fixed": (r.fixed_start, W), "full": (0, T),
+            "random_length": (0, (W + T) / 2)}[r.window_mode]
+
+
+def step_flops(cfg: DistillConfig, shape: DataShape) -> float:
+    """Floating-point operations of one average task (prefix, window, meta-loss, backward), counted in two plain
+    rehearsals (one and two window steps) and extrapolated; a window recomputed in segments adds one graph-free
+    pass over the window."""
+    r: RatBpttConfig = cfg.method_config
+    one, two = (_plain(cfg, shape, n, FlopCounterMode(display=False)) for n in (1, 2))
+    total = [sum(p.flops for k, p in rec.phases.items() if k in ("window", "meta-loss")) for rec in (one, two)]
+    prefix = one.phases["prefix"].flops
+    start, window = mean_start_and_window(r)
+    flops = total[0] + (window - 1) * (total[1] - total[0]) + start * prefix
+    if r.window_segments > 1:
+        flops += window * prefix
+    return flops * r.samples_per_task
 
 
 def rehearse(cfg: DistillConfig, shape: DataShape) -> TaskMemory:
