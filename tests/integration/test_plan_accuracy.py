@@ -4,14 +4,16 @@ cannot fit before anything is written, or (--fit auto) applies the setting that 
 
 import pytest
 import torch
-from helpers import needs_fashion
+from helpers import needs_fashion, write_sweep
 
+from raydistill.config import ConfigError
 from raydistill.memory import LiveBytes
 from raydistill.methods.ratbptt.meta_gradient import RealBatch, SynSet, meta_gradient
 from raydistill.methods.rehearsal import DataShape
 from raydistill.models.registry import build_network
 from raydistill.plan import CPU, plan, plan_data, task_estimate
 from raydistill.setup import config_from_dict
+from raydistill.tune import checked_config, load_sweep
 
 NC = 10
 
@@ -105,3 +107,22 @@ def test_plan_names_what_would_fit_and_exits_1_when_nothing_does_yet(capsys):
     assert main(["plan", "--set", "ipc=10", "--gpu-memory", "1.5GiB"]) == 1
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "Settings that would" in out and "--set ratbptt." in out
+
+
+@needs_fashion
+def test_a_sample_that_cannot_fit_a_worker_is_rejected_with_the_setting_that_would(tmp_path, monkeypatch):
+    from raydistill.engine import memory
+    from raydistill.plan import Device
+
+    sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 4]}}))
+    cfg, _ = checked_config(sweep, {"ratbptt.window": 4})
+    tight = 0.7 * tune_plan_peak(cfg)
+    monkeypatch.setattr(memory, "ray_worker_device", lambda cfg: Device("a small worker", "cpu", int(tight)))
+    with pytest.raises(ConfigError, match=r"^memory: one gradient worker needs about .* --set ratbptt\."):
+        checked_config(sweep, {"ratbptt.window": 4})
+
+
+def tune_plan_peak(cfg) -> int:
+    from raydistill.plan import CPU, plan, plan_data
+
+    return plan(cfg, plan_data(cfg), CPU).worker.peak

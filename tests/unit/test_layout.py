@@ -10,9 +10,8 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "raydistill"
 MAX_LINES = 400
 # From the bottom up: a package may import the packages before it, never one after it.
-LAYERS = ["config", "compat", "memory", "filesystems", "runtime", "data", "models", "methods", "synset", "setup", "plan",
-          "storage",
-          "watch", "evaluate", "engine", "tune", "cli"]
+LAYERS = ["config", "compat", "memory", "filesystems", "runtime", "data", "models", "methods", "synset", "setup",
+          "plan", "storage", "watch", "evaluate", "engine", "tune", "cli"]
 # Layers that hold the algorithm and the data: plain PyTorch, testable in one process, no Ray.
 PURE = ("raydistill.methods", "raydistill.synset", "raydistill.models", "raydistill.data", "raydistill.config")
 RAY_DATA_PIPELINE = "raydistill.data.prepare"  # `raydistill prepare` runs on Ray Data: the one Ray module of data/

@@ -133,3 +133,23 @@ def test_a_bad_device_for_plan_is_one_line_and_exit_2(capsys):
         assert main(["plan", *args]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("raydistill: error: ") and "\n" not in err
+
+
+def test_a_ray_workers_memory_is_its_gpu_share_or_its_nodes_memory_per_worker(monkeypatch):
+    import ray
+
+    from raydistill.engine import memory
+
+    cfg = config_from_dict({"ray": {"workers": 4, "gpus_per_worker": 0.5}}, check_paths=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 2.0, "accelerator_type:A10G": 2.0, "CPU": 8.0})
+    device = memory.ray_worker_device(cfg)
+    assert device.kind == "gpu" and device.memory == gpu("a10g").memory // 2
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"GPU": 2.0, "accelerator_type:V100": 2.0})
+    assert memory.ray_worker_device(cfg) is None  # a model the planner does not know: not checked
+    nodes = [{"Alive": True, "Resources": {"CPU": 2.0, "memory": 8 * GIB}},
+             {"Alive": True, "Resources": {"CPU": 4.0, "memory": 12 * GIB}}]
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 6.0})
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    cpu = config_from_dict({"ray": {"workers": 4, "cpus_per_worker": 1}}, check_paths=False)
+    assert memory.ray_worker_device(cpu).memory == 3 * GIB  # the 4-CPU node holds 4 workers in 12 GiB

@@ -43,6 +43,16 @@ def test_chunked_real_batch_gives_the_one_batch_gradient(problem, segments):
         assert relative_error(ours.labels, whole.labels) < 1e-10, chunks
 
 
+def test_chunks_compose_with_segments_and_a_per_step_class_subset(problem):
+    """All three memory levers at once (chunks, segments, batch_per_class with classes_per_step) give the gradient of
+    the same config without chunks and segments (float64)."""
+    cfg = replace(CFG, classes_per_step=2)
+    whole = sample(problem, cfg)
+    ours = sample(problem, replace(cfg, real_batch_chunks=3, window_segments=2))
+    assert relative_error(ours.images, whole.images) < 1e-10
+    assert relative_error(ours.labels, whole.labels) < 1e-10
+
+
 def test_chunked_real_batch_with_fixed_labels(problem):
     whole = sample(problem, CFG, labels=False)
     ours = sample(problem, replace(CFG, real_batch_chunks=3), labels=False)

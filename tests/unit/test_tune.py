@@ -4,14 +4,13 @@ retries and --resume: tests/integration/test_tune_on_ray.py)."""
 import dataclasses
 
 import pytest
-
 from helpers import needs_fashion, write_sweep
+
 from raydistill.cli import main
 from raydistill.config import ConfigError
 from raydistill.setup import load_config
 from raydistill.tune import WORST_SCORE, checked_config, load_sweep, run_trial, trial_config, trial_resources
 from raydistill.tune import trial as tune_trial
-
 
 # ---------------------------------------------------------------------------------------------- the sweep file
 
@@ -61,25 +60,6 @@ def test_invalid_samples_are_rejected_with_the_validators_reason(tmp_path):
         checked_config(sweep, {"ratbptt.window": 2, "ratbptt.real_batch": 10**6})
     with pytest.raises(ConfigError, match="^ratbptt.window: window 8 > unroll 4"):
         checked_config(sweep, {"ratbptt.window": 8, "ratbptt.real_batch": 64})
-
-
-@needs_fashion
-def test_a_sample_that_cannot_fit_a_worker_is_rejected_with_the_setting_that_would(tmp_path, monkeypatch):
-    from raydistill.engine import memory
-    from raydistill.plan import Device
-
-    sweep = load_sweep(write_sweep(tmp_path, search={"ratbptt.window": {"grid": [2, 4]}}))
-    cfg, _ = checked_config(sweep, {"ratbptt.window": 4})
-    tight = 0.7 * tune_plan_peak(cfg)
-    monkeypatch.setattr(memory, "ray_worker_device", lambda cfg: Device("a small worker", "cpu", int(tight)))
-    with pytest.raises(ConfigError, match=r"^memory: one gradient worker needs about .* --set ratbptt\."):
-        checked_config(sweep, {"ratbptt.window": 4})
-
-
-def tune_plan_peak(cfg) -> int:
-    from raydistill.plan import CPU, plan, plan_data
-
-    return plan(cfg, plan_data(cfg), CPU).worker.peak
 
 
 def test_a_boosting_sample_with_a_budget_above_its_ipc_is_rejected(tmp_path):
