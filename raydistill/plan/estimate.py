@@ -81,8 +81,13 @@ class Plan:
 def task_estimate(cfg: DistillConfig, shape: DataShape, device: Device) -> Estimate:
     """One gradient task of cfg's method on `device` (no held data, no runtime): what benchmarks/bench_plan.py
     compares with a measured peak."""
-    with rehearsing_the_cpu() if device.kind == "cpu" else contextlib.nullcontext():  # the CPU's speed layers too
-        task = get_method(cfg.method).rehearse(cfg, shape)
+    try:
+        with rehearsing_the_cpu() if device.kind == "cpu" else contextlib.nullcontext():  # the CPU's speed layers
+            task = get_method(cfg.method).rehearse(cfg, shape)
+    except (NotImplementedError, RuntimeError) as exc:  # an op without a meta kernel (a network of one's own)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        return Estimate("gradient worker", None, notes=[f"could not be rehearsed on the meta device ({first}): "
+                                                        "not planned"])
     if task is None:
         return Estimate("gradient worker", None, notes=[f"method {cfg.method} has no memory rehearsal: not planned"])
     peak = device.peak(task.peak)

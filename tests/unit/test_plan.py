@@ -153,3 +153,16 @@ def test_a_ray_workers_memory_is_its_gpu_share_or_its_nodes_memory_per_worker(mo
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
     cpu = config_from_dict({"ray": {"workers": 4, "cpus_per_worker": 1}}, check_paths=False)
     assert memory.ray_worker_device(cpu).memory == 3 * GIB  # the 4-CPU node holds 4 workers in 12 GiB
+
+
+def test_a_task_that_cannot_be_rehearsed_is_not_planned_and_not_stopped(monkeypatch):
+    from raydistill.methods.ratbptt.method import RatBptt
+
+    def no_meta_kernel(self, cfg, shape):
+        raise NotImplementedError("aten::my_op: attempted to run this operator with Meta tensors\nmore")
+
+    monkeypatch.setattr(RatBptt, "rehearse", no_meta_kernel)
+    p = small_plan(1 * MIB)
+    assert p.worker.peak is None and p.fits is None
+    assert "could not be rehearsed on the meta device (aten::my_op" in p.worker.notes[0]
+    assert prelaunch(p.config, p.data, p.device, "check") == ({}, None)
