@@ -16,7 +16,7 @@ from raydistill.engine.boost import boost, evaluate_budgets
 from raydistill.engine.driver import EngineError, Hooks, distill
 from raydistill.engine.memory import machine_memory
 from raydistill.evaluate.results import EvalOptions, run_evaluation
-from raydistill.methods.registry import get_method
+from raydistill.methods.registry import allow_import_path, get_method
 from raydistill.models.registry import MODELS
 from raydistill.plan import GPUS, Device, gpu, gpu_of_size, parse_memory, plan, plan_data, suggest
 from raydistill.plan.check import FIT_MODES
@@ -76,6 +76,8 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
                    help="architecture to evaluate (repeatable; default: the run's eval.archs)")
     p.add_argument("--models", type=int, help="networks per architecture (default: the run's eval.num_models)")
     p.add_argument("--budgets", help="evaluate the nested prefixes of these IPCs, e.g. 1,2,5,10 (boosted sets)")
+    p.add_argument("--method", metavar="PACKAGE.MODULE:CLASS",
+                   help="the run's method, when it is named by import path (a file never makes raydistill import)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_log_every(p)
 
@@ -164,6 +166,12 @@ def _check_in_process(args: argparse.Namespace) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
+    """The config changes the flags ask for; with --resume, `--set method=NAME` restates the run's own method (so
+    a method named by import path may be imported: raydistill.methods.registry) and is no change."""
+    if args.resume:
+        for text in [o for o in args.overrides if o.startswith("method=")]:
+            allow_import_path(text[len("method="):])
+            args.overrides.remove(text)
     flags = {"ray.workers": args.workers, "ray.mode": args.mode, "ray.address": args.address}
     return args.overrides + [f"{key}={value}" for key, value in flags.items() if value is not None]
 
@@ -237,6 +245,7 @@ def cmd_boost(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.models is not None and args.models <= 0:
         raise ConfigError(f"--models: must be > 0, got {args.models}")
+    allow_import_path(args.method)
     dset, cfg = load_run(args.run_dir)
     if args.archs:
         unknown = [a for a in args.archs if a not in MODELS]

@@ -22,7 +22,7 @@ from raydistill.config.checks import choice
 from raydistill.config.loading import build_config, merge_overrides, method_name, read_preset
 from raydistill.config.validate import validate
 from raydistill.data.registry import DATASETS, Dataset, load_dataset, resolve_root
-from raydistill.methods.registry import get_method, method_names
+from raydistill.methods.registry import allow_import_path, check_file_method, get_method, method_names
 from raydistill.models.registry import MODELS, create_model
 from raydistill.runtime import resolve_device
 
@@ -50,11 +50,21 @@ def config_from_dict(raw: dict, check_paths: bool = True) -> DistillConfig:
 
 
 def load_config(preset: str | None = None, overrides: Iterable[str] = (), check_paths: bool = True) -> DistillConfig:
-    """A checked config from a preset name or YAML path plus `key=value` overrides."""
+    """A checked config from a preset name or YAML path plus `key=value` overrides: what the user names, so a
+    method it names by import path may be imported (raydistill.methods.registry)."""
     data: dict = {}
     if preset is not None:
         data, _ = read_preset(preset)
-    return config_from_dict(merge_overrides(data, overrides), check_paths=check_paths)
+    raw = merge_overrides(data, overrides)
+    allow_import_path(raw.get("method") if isinstance(raw, dict) else None)
+    return config_from_dict(raw, check_paths=check_paths)
+
+
+def config_from_file(raw: Any, source: str, check_paths: bool = True) -> DistillConfig:
+    """A config that raydistill wrote and reads back (a run's config.yaml, an artifact's metadata): built like any
+    other, except that it may not name a method by import path the user has not named (files never name code)."""
+    check_file_method(raw.get("method") if isinstance(raw, dict) else None, source)
+    return config_from_dict(raw, check_paths=check_paths)
 
 
 def check(cfg: DistillConfig, check_paths: bool = True) -> None:

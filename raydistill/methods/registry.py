@@ -4,6 +4,11 @@ Built-in methods are listed here by import path, so looking one up imports only 
 another package registers itself under the `raydistill.methods` entry-point group; a method anywhere on the Python
 path is named directly as "package.module:Class". Every process (workers included) resolves the name the same way,
 so the config carries only the name.
+
+Importing a module runs its code, so an import path is followed only where the user named it: on the command line
+or in a preset file they passed (`allow_import_path`). A file raydistill wrote and reads back (a run's config.yaml,
+an artifact's metadata) may name a built-in or installed method only (`check_file_method`): a crafted file cannot
+make raydistill import anything.
 """
 
 from __future__ import annotations
@@ -23,11 +28,27 @@ BUILTIN = {
 }
 ENTRY_POINT_GROUP = "raydistill.methods"
 _cache: dict[str, Method] = {}
+_named: set[str] = set()  # import paths the user named in this process (command line, a preset file passed)
 
 
 def method_names() -> list[str]:
     """Built-in and installed (entry-point) method names."""
     return sorted({*BUILTIN, *(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))})
+
+
+def allow_import_path(name: object) -> None:
+    """`name` was named by the user (on the command line, in a preset file they passed): a file may name it too."""
+    if isinstance(name, str) and ":" in name:
+        _named.add(name)
+
+
+def check_file_method(name: object, source: str) -> None:
+    """Refuse a method that a file raydistill reads back names by import path, unless the user named it too."""
+    if not isinstance(name, str) or ":" not in name or name in _named or name in method_names():
+        return
+    raise ConfigError(f"method: {source} names {name!r}, an import path, and raydistill imports code only where you "
+                      "name it; install the method under the raydistill.methods entry-point group, or name it on the "
+                      f"command line (--set method={name} with --resume, --method {name} with eval)")
 
 
 def _import_path(name: str) -> str:

@@ -15,7 +15,7 @@ import yaml
 from raydistill import __version__
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.data.registry import Dataset
-from raydistill.setup import config_from_dict, config_to_dict, load_config
+from raydistill.setup import config_from_file, config_to_dict
 from raydistill.storage.artifact import (
     DISTILLED_FILE,
     EVAL_FILE,
@@ -108,8 +108,6 @@ def resumable_config(run_dir: RunPath) -> DistillConfig | None:
             raise ConfigError(f"--resume: {run_dir} holds no {CONFIG}; pass the directory of an earlier run")
         if (run_dir / ARTIFACT).exists():
             return None
-        if isinstance(run_dir, Path):
-            return load_config(str(run_dir / CONFIG))
         text = (run_dir / CONFIG).read_text()
     except OSError as exc:
         raise ConfigError(f"--resume: cannot read {run_dir} ({one_line(exc)}); check the URI and its "
@@ -118,7 +116,7 @@ def resumable_config(run_dir: RunPath) -> DistillConfig | None:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{run_dir / CONFIG}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    return config_from_dict(data)
+    return config_from_file(data, str(run_dir / CONFIG))
 
 
 def write_config(run_dir: RunPath, cfg: DistillConfig) -> None:
@@ -189,7 +187,7 @@ def load_run(run_dir: str | Path | Location) -> tuple[DistilledSet, DistillConfi
     if not isinstance(dset.metadata.get("config"), dict):
         raise ArtifactError(f"{path / ARTIFACT}: its metadata holds no config, so it cannot be evaluated again; "
                             "pass the run directory of a 'raydistill distill' run")
-    cfg = config_from_dict(dset.metadata["config"])
+    cfg = config_from_file(dset.metadata["config"], str(path / ARTIFACT))
     return dset, cfg
 
 

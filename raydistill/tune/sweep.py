@@ -19,6 +19,7 @@ import yaml
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.checks import parse_trackers
 from raydistill.config.loading import read_preset, set_dotted
+from raydistill.methods.registry import allow_import_path
 from raydistill.setup import config_from_dict
 from raydistill.storage.store import check_scheme
 from raydistill.synset.blocks import cumulative_budgets, schedule
@@ -255,6 +256,7 @@ def trial_config(sweep: Sweep, params: dict[str, Any], check_paths: bool = True)
         else:
             set_dotted(data, key, value)
     data.setdefault("ray", {})["address"] = None  # a trial runs inside the sweep's Ray
+    allow_import_path(data.get("method"))  # the sweep file (and its base) are the user's: it may name a method
     cfg = config_from_dict(data, check_paths=check_paths)
     if not sweep.boosting:
         if cfg.boost.stages:
