@@ -58,6 +58,42 @@ def preset_names() -> list[str]:
     return sorted(p.name[: -len(".yaml")] for p in PRESETS.iterdir() if p.name.endswith(".yaml"))
 
 
+MAX_YAML_BYTES = 1 << 20  # a config or sweep file is a few KB
+MAX_FLOW_NESTING = 64  # [ and { levels: configs use two or three; PyYAML's parser slows quadratically with depth
+
+
+def _flow_nesting(text: str) -> int:
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """A YAML document of plain values; ConfigError (one line) for invalid YAML, anchors and aliases (a 1 KB file
+    of aliases can expand to gigabytes), nesting too deep to read, or a file far larger than any config."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes, more than any config ({MAX_YAML_BYTES} at most); pass the "
+                          "intended file")
+    if _flow_nesting(text) > MAX_FLOW_NESTING:
+        raise ConfigError(f"{where}: nested too deeply to be a config (more than {MAX_FLOW_NESTING} levels of [ or "
+                          "{); fix the file")
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise ConfigError(f"{where}: uses the YAML alias *{event.anchor}; write the values out (raydistill "
+                                  "files take no anchors or aliases)")
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: nested too deeply to be a config; fix the file") from None
+
+
 def read_preset(path_or_name: str) -> tuple[dict, str]:
     """A preset by name (shipped in the package) or by path; returns (data, where it came from)."""
     packaged = PRESETS / f"{path_or_name}.yaml"
@@ -70,10 +106,7 @@ def read_preset(path_or_name: str) -> tuple[dict, str]:
             f"preset: {path_or_name!r} is neither a shipped preset nor a YAML file; "
             f"see 'raydistill presets' ({', '.join(preset_names())})"
         )
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{where}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    data = load_yaml(text, where) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of config fields at the top level")
     return data, where

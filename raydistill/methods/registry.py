@@ -68,6 +68,8 @@ def get_method(name: str) -> Method:
     if name not in _cache:
         path = _import_path(name)
         module_name, _, attr = path.partition(":")
+        if not all(part.isidentifier() for part in module_name.split(".")) or not attr.isidentifier():
+            raise ConfigError(f"method: {path!r} is not an import path; write it as package.module:Class")
         try:
             cls = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as exc:
@@ -75,5 +77,10 @@ def get_method(name: str) -> Method:
                               "on every node") from None
         if not (isinstance(cls, type) and issubclass(cls, Method)):
             raise ConfigError(f"method: {path!r} is not a raydistill.methods.Method subclass")
+        missing = [a for a in ("name", "config_cls") if a not in vars(cls) and not any(
+            a in vars(base) for base in cls.__mro__[1:] if base is not Method)]
+        if missing:
+            raise ConfigError(f"method: {path!r} does not declare {' and '.join(missing)}; name a concrete method "
+                              "(a Method subclass that sets name and config_cls)")
         _cache[name] = cls()
     return _cache[name]

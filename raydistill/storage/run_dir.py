@@ -14,6 +14,7 @@ import yaml
 
 from raydistill import __version__
 from raydistill.config import ConfigError, DistillConfig
+from raydistill.config.loading import load_yaml
 from raydistill.data.registry import Dataset
 from raydistill.setup import config_from_file, config_to_dict
 from raydistill.storage.artifact import (
@@ -112,11 +113,7 @@ def resumable_config(run_dir: RunPath) -> DistillConfig | None:
     except OSError as exc:
         raise ConfigError(f"--resume: cannot read {run_dir} ({one_line(exc)}); check the URI and its "
                           "credentials") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{run_dir / CONFIG}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
-    return config_from_file(data, str(run_dir / CONFIG))
+    return config_from_file(load_yaml(text, str(run_dir / CONFIG)), str(run_dir / CONFIG))
 
 
 def write_config(run_dir: RunPath, cfg: DistillConfig) -> None:

@@ -14,11 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from raydistill.config import ConfigError, DistillConfig
 from raydistill.config.checks import parse_trackers
-from raydistill.config.loading import read_preset, set_dotted
+from raydistill.config.loading import load_yaml, read_preset, set_dotted
 from raydistill.methods.registry import allow_import_path
 from raydistill.setup import config_from_dict
 from raydistill.storage.store import check_scheme
@@ -83,10 +81,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"tune: {path} is not a file; pass a sweep YAML such as tune_configs/fmnist-window-unroll.yaml")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]}); fix the file") from None
+    raw = load_yaml(path.read_text(), str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping with keys {', '.join(SWEEP_KEYS)}")
     unknown = sorted(set(raw) - set(SWEEP_KEYS))

@@ -45,3 +45,7 @@ def validate_section(c: CafeConfig, cfg: DistillConfig) -> None:
         if len(c.layer_weights) != count:
             raise ConfigError(f"cafe.layer_weights: {len(c.layer_weights)} weights, but {cfg.model.name} has "
                               f"{count} matched blocks; give {count} weights (shallow to deep) or leave it unset")
+    layers = sum(c.layer_weights) if c.layer_weights is not None else 1.0
+    if layers + c.embedding_weight + c.discrimination_weight == 0:
+        raise ConfigError("cafe: every loss weight is 0 (layer_weights, embedding_weight, discrimination_weight), so "
+                          "the loss is 0 and nothing is learned; give at least one a positive weight")
