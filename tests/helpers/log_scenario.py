@@ -4,6 +4,7 @@ worker killed mid-run.
 Usage: python log_scenario.py RUN_DIR (joins RAY_ADDRESS; the output goes wherever the test sends it).
 """
 
+import functools
 import os
 import signal
 import sys
@@ -34,7 +35,8 @@ class DiesAtStep3(GradientWorker):
 if __name__ == "__main__":
     run = Path(sys.argv[1])
     seed = os.getpid()  # a marker of this scenario's own
-    driver.distill.__kwdefaults__["hooks"] = driver.Hooks(worker_cls=DiesAtStep3)  # what the CLI's distill() uses
+    # The CLI builds the run's Hooks (with its --fit): make them start this scenario's workers
+    cli.Hooks = functools.partial(driver.Hooks, worker_cls=DiesAtStep3)
     overrides = ["steps=8", "ipc=1", "model.width=8", "ratbptt.unroll=4", "ratbptt.window=2", "ratbptt.real_batch=64",
                  "eval.every=4", "eval.val_models=1", "eval.val_steps=5", "eval.num_models=1", "eval.steps=5",
                  "data.val_size=200", "ray.workers=2", "ray.cpus_per_worker=1", "ray.worker_threads=1", "threads=1",
