@@ -25,6 +25,9 @@ BUILTIN = {
     "cafe": "raydistill.methods.cafe.method:Cafe",
     "dc": "raydistill.methods.dc.method:GradientMatching",
     "dsa": "raydistill.methods.dc.method:SiameseGradientMatching",
+    "frepo": "raydistill.methods.krr.frepo:Frepo",
+    "rfad": "raydistill.methods.krr.rfad:Rfad",
+    "kip": "raydistill.methods.krr.kip:Kip",
 }
 ENTRY_POINT_GROUP = "raydistill.methods"
 _cache: dict[str, Method] = {}
