@@ -30,7 +30,7 @@ class FrepoConfig(KrrConfig):
     pool_size: int = 10  # pool members (FRePo's num_nn_state); each is a seeded initialisation, reset when it ages out
     max_online_steps: int = 100  # a member's age range: it is trained 0 .. max_online_steps - 1 steps (FRePo's reset)
     lr_net: float = 3e-4  # Adam on the pool networks (FRePo's online optimizer)
-    batch_train: int = 500  # synthetic images per pool-network step (FRePo: min(500, set size))
+    batch_train: int = 1000  # synthetic images per pool-network step (FRePo: min(1000, set size), its eval_batch_size)
 
 
 @dataclass
