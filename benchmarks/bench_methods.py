@@ -1,8 +1,9 @@
-"""RaT-BPTT, DM, CAFE, DC and DSA on Fashion-MNIST (ConvNet-3) at the same wall-clock distillation budget.
+"""RaT-BPTT, DM, CAFE, DC, DSA, FRePo, RFAD and KIP on Fashion-MNIST (ConvNet-3) at the same wall-clock distillation
+budget.
 
     python benchmarks/bench_methods.py --budget-s 900               # IPC 1 and 10, every method, then the evaluation
     python benchmarks/bench_methods.py --dc-schedule --dc-steps 40  # DC: the seeded episode vs the original schedule
-    options: --ipcs 1,10  --methods ratbptt,dm,cafe,dc,dsa  --set KEY=VALUE (every run, e.g. model.width=32; a key in a
+    options: --ipcs 1,10  --methods ratbptt,dm,cafe,dc,dsa,frepo,rfad,kip  --set KEY=VALUE (every run, e.g. model.width=32; a key in a
              method's section, e.g. dc.batch_real=64, only that method's runs)
              --eval-steps 1000  --eval-models 5  --eval-recipe sgd  --calib-steps 4  --threads 2  --out FILE
 
@@ -11,18 +12,21 @@ Each method runs its own Fashion-MNIST preset (RaT-BPTT: its CPU recipe, the qui
 
 The budget: the engine has no wall-clock stop, so every method is calibrated first. A scratch run of --calib-steps
 steps is timed from its records (`seconds` per step, the first left out as warm-up); the expected seconds per step are
-their mean, except for DC, DSA and CAFE, whose step cost grows with the episode's network epochs: there a line
-seconds = a + b x epochs is fitted and read at the mean epochs, (outer_loop - 1) / 2 x inner_loop (the plain mean when
-the calibration saw only one episode length). The real run then gets max(1, floor(budget / expected)) steps from a
+their mean, except for DC, DSA and CAFE, whose step cost grows with the episode's network epochs, and FRePo, whose
+step cost grows with its pool member's age: there a line seconds = a + b x work is fitted and read at the mean work,
+(outer_loop - 1) / 2 x inner_loop epochs or (max_online_steps - 1) / 2 network steps (the plain mean when the
+calibration saw only one value). The real run then gets max(1, floor(budget / expected)) steps from a
 fresh start. The calibration is not counted; the real run's measured distillation time is recorded beside the budget,
 so any miss is visible. A run that takes more than 1.2 x the budget or less than budget / 1.2 (another job on the machine
 or a slow warm-up skewed the calibration, say) is done again once, with the step count its own records give; the
 first attempt is kept under timing.redone.
 
 Running a subset (--methods dm --ipcs 1) at the same --budget-s updates those entries of an existing results file and
-keeps the others; the baselines are recomputed (the same seeds give the same figures).
+keeps the others; the baselines are recomputed (the same seeds give the same figures). --evaluate-runs DIR evaluates
+the runs an earlier invocation left in DIR again, without distilling (after a change to the protocol, say).
 
-The fair evaluation: one protocol for every set, whatever its preset says: --eval-models ConvNets (the run's width)
+The fair evaluation: one protocol for every set, whatever its preset says: --eval-models ConvNet-3s with instance norm
+(the run's width)
 trained with --eval-recipe (sgd: DC's evaluate_synset, lr 0.01, momentum 0.9, weight decay 5e-4, lr x0.1 at half time;
 adam: lr 1e-3) for --eval-steps batches of 256 with DSA's augmentation, paired seeds across sets; beside them the
 real-image baselines random, herding and k-center (each trained with and without augmentation; the better is shown).
@@ -67,8 +71,9 @@ from raydistill.methods.registry import get_method  # noqa: E402
 from raydistill.runtime import resolve_device  # noqa: E402
 from raydistill.synset.synthetic import init_synthetic  # noqa: E402
 
-METHODS = ("ratbptt", "dm", "cafe", "dc", "dsa")
-EPISODIC = ("cafe", "dc", "dsa")
+METHODS = ("ratbptt", "dm", "cafe", "dc", "dsa", "frepo", "rfad", "kip")
+EPISODIC = ("cafe", "dc", "dsa")  # step cost grows with the episode's network epochs
+AGED = ("frepo",)  # step cost grows with the pool member's age (network steps)
 MISS = 1.2  # a budgeted run that takes more than this x the budget, or less than the budget / this, is redone
 DSA_STRATEGIES = ["color", "crop", "cutout", "flip", "scale", "rotate"]
 
@@ -101,13 +106,18 @@ def seconds_per_step(cfg: DistillConfig, rows: list[dict]) -> dict:
     out = {"calib_steps": len(rows), "calib_seconds": secs.round(3).tolist(), "expected_s": float(secs.mean())}
     if cfg.method in EPISODIC:
         outer, inner = resolved_loops(cfg.method_config, cfg.ipc)
-        epochs = np.array([np.mean([s["net_epochs"] for s in r["stats"]]) for r in rows], dtype=float)
-        mean_epochs = (outer - 1) / 2 * inner
-        out.update(calib_net_epochs=epochs.tolist(), mean_net_epochs=mean_epochs)
-        if len(set(epochs.tolist())) > 1:
-            slope, intercept = np.polyfit(epochs, secs, 1)
-            out["expected_s"] = float(max(intercept + slope * mean_epochs, secs.min()))
-            out["fit"] = {"intercept_s": float(intercept), "s_per_net_epoch": float(slope)}
+        key, mean_work = "net_epochs", (outer - 1) / 2 * inner
+    elif cfg.method in AGED:
+        key, mean_work = "age", (cfg.method_config.max_online_steps - 1) / 2
+    else:
+        return out
+    work = np.array([np.mean([s[key] for s in r["stats"]]) for r in rows], dtype=float)
+    out.update({f"calib_{key}": work.tolist(), f"mean_{key}": mean_work})
+    if len(set(work.tolist())) > 1:
+        slope, intercept = np.polyfit(work, secs, 1)
+        out["expected_s"] = float(max(intercept + slope * mean_work, secs.min()))
+        unit = {"net_epochs": "net_epoch", "age": "net_step"}[key]
+        out["fit"] = {"intercept_s": float(intercept), f"s_per_{unit}": float(slope)}
     return out
 
 
@@ -118,11 +128,14 @@ def run(cfg: DistillConfig, out: Path) -> tuple[Path, float]:
 
 
 def eval_config(cfg: DistillConfig, args: argparse.Namespace) -> DistillConfig:
-    """The one evaluation protocol, on `cfg`'s network and seed."""
+    """The one evaluation protocol, whatever network a method distilled with: ConvNet-3 with instance norm at the
+    run's width (the evaluation network of DC, DSA, DM and CAFE; FRePo, RFAD and KIP distil without normalisation)."""
     lr = 0.01 if args.eval_recipe == "sgd" else 1e-3
     ev = EvalConfig(num_models=args.eval_models, steps=args.eval_steps, lr=lr, batch_size=256, recipe=args.eval_recipe,
                     archs=["convnet"], baselines=["random", "herding", "kcenter"])
-    return dataclasses.replace(cfg, eval=ev, augment=AugmentConfig(strategies=list(DSA_STRATEGIES)), seed=0)
+    model = dataclasses.replace(cfg.model, name="convnet", depth=3, norm="instance")
+    return dataclasses.replace(cfg, model=model, eval=ev, augment=AugmentConfig(strategies=list(DSA_STRATEGIES)),
+                               seed=0)
 
 
 def distilled_accuracy(x: torch.Tensor, targets: torch.Tensor, dataset, ecfg: DistillConfig,
@@ -145,6 +158,11 @@ def budget_mode(args: argparse.Namespace, scratch: Path, device: torch.device, p
         sets = {}
         for method in args.methods:
             cfg = config(method, ipc, args)
+            if args.evaluate_runs is not None:  # evaluate an earlier invocation's runs again; their records stay
+                done = [args.evaluate_runs / f"{method}-{ipc}{s}" for s in ("-redo", "")]
+                dset = read_distilled(next(d for d in done if d.exists()) / "distilled.parquet")
+                sets[method] = (dset.images, rundir.targets_of(dset), cfg)
+                continue
             calib_cfg = dataclasses.replace(cfg, steps=args.calib_steps)
             calib, _ = run(calib_cfg, scratch / f"calib-{method}-{ipc}")
             timing = seconds_per_step(cfg, records(calib))
@@ -166,6 +184,9 @@ def budget_mode(args: argparse.Namespace, scratch: Path, device: torch.device, p
                 "date": time.strftime("%Y-%m-%d %H:%M"), "command": "python " + " ".join(sys.argv),
                 "distill_seconds": dset.metadata.get("distill_seconds"), "wall_s": round(wall, 1),
                 "meta_loss_first": rows[0]["meta_loss"], "meta_loss_last": rows[-1]["meta_loss"]}
+            nets = [s["net_seconds"] for r in rows for s in r["stats"] if "net_seconds" in s]
+            if nets:  # FRePo: the share of the step spent training its pool member (the seeded pool's cost)
+                entry["methods"][method]["pool_training_share"] = round(sum(nets) / sum(r["seconds"] for r in rows), 3)
             print(f"ipc {ipc} {method}: {steps} steps in {wall:.0f} s (budget {args.budget_s:g} s)", flush=True)
         first = next(iter(sets))
         dataset = load_dataset(sets[first][2].data)
@@ -229,6 +250,9 @@ def main() -> int:
     ap.add_argument("--eval-recipe", choices=("sgd", "adam"), default="sgd")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the machine's cores)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "methods.json")
+    ap.add_argument("--evaluate-runs", type=Path, default=None, metavar="DIR",
+                    help="evaluate the runs an earlier invocation left in DIR (its 'runs in' folder) again, "
+                         "without distilling; their entries in --out keep their records")
     args = ap.parse_args()
     args.ipcs = [int(k) for k in args.ipcs.split(",") if k]
     args.methods = [m for m in args.methods.split(",") if m]

@@ -1,8 +1,7 @@
-"""FRePo, RFAD and KIP end to end: `distill` on Ray with two workers and in process (the same set), `boost`, one
-`tune` sweep over the three, and a killed worker that loses no step (FRePo: its seeded pool is the state a retried
-task must rebuild exactly)."""
+"""FRePo, RFAD and KIP end to end: `distill` on Ray with two workers, one of them killed, and in process (the same
+set: a retried task rebuilds FRePo's pool member, RFAD's and KIP's networks and its real batch exactly) and `boost`.
+Tune sweeps the three in tests/e2e/test_matching_runs.py, beside the matching methods."""
 
-import csv
 import json
 import os
 import signal
@@ -20,7 +19,6 @@ from raydistill.engine.worker import GradientWorker
 from raydistill.methods.krr.common import PLATT
 from raydistill.setup import config_from_dict
 from raydistill.storage.artifact import read_distilled
-from raydistill.tune import run_sweep
 
 pytestmark = [needs_fashion, pytest.mark.slow]
 
@@ -56,48 +54,6 @@ def steps_logged(run: Path) -> list[dict]:
     return [r for r in map(json.loads, lines) if "meta_loss" in r]
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_distill_on_ray_with_two_workers_and_in_process_give_the_same_set(ray_session, tmp_path, method):
-    sets = {}
-    for where, flags in (("ray", []), ("process", ["--in-process"])):
-        out = tmp_path / where
-        assert main(["distill", "--preset", str(preset(tmp_path, method)), "--out", str(out), "--quiet",
-                     "--no-eval", *flags]) == 0
-        records = steps_logged(out)
-        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-        assert all(len(r["stats"]) == 2 and all(0 <= s["target_accuracy"] <= 1 for s in r["stats"]) for r in records)
-        sets[where] = read_distilled(out / "distilled.parquet")
-    dset = sets["ray"]
-    assert dset.metadata["method"] == method and torch.isfinite(dset.images).all()
-    assert (dset.soft_labels is not None) == (method != "rfad")
-    assert (PLATT in dset.metadata.get("learned", {})) == (method == "rfad")  # the learned temperature travels along
-    assert torch.equal(sets["ray"].images, sets["process"].images)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_boost_in_process(tmp_path, method):
-    out = tmp_path / "boost"
-    assert main(["boost", "--preset", str(preset(tmp_path, method)), "--out", str(out), "--quiet", "--no-eval",
-                 "--in-process", "--block", "1", "--blocks", "2", "--steps-per-block", "2"]) == 0
-    dset = read_distilled(out / "distilled.parquet")
-    assert dset.ipc == 2 and sorted(set(dset.blocks.tolist())) == [0, 1]
-
-
-def test_one_sweep_tunes_all_three_on_ray(ray_session, tmp_path):
-    """One trial per method, each on its own section's defaults but the real batch (the method is a search key)."""
-    base = {k: v for k, v in tiny("frepo", eval={"every": 2, "val_models": 1, "val_steps": 5, "steps": 5}).items()
-            if k != "frepo"}
-    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
-    sweep = tmp_path / "sweep.yaml"
-    sweep.write_text(yaml.safe_dump({
-        "name": "krr", "set": {"steps": 2}, "base": str(tmp_path / "base.yaml"),
-        "storage": str(tmp_path / "tune"), "search": {"method": {"grid": list(METHODS)}},
-        "scheduler": {"name": "fifo"}, "max_concurrent_trials": 1,
-    }))
-    rows = list(csv.DictReader(open(run_sweep(sweep, verbose=0)["results"])))
-    assert [r["status"] for r in rows] == ["done"] * 3
-
-
 class DiesOnce(GradientWorker):
     """Kills its own process (like SIGKILL) the first time it reaches step 1, slot 1."""
 
@@ -111,13 +67,38 @@ class DiesOnce(GradientWorker):
         return super().compute(data, snapshot, step, slot)
 
 
-def test_a_killed_frepo_worker_leaves_exactly_one_record_per_step(ray_session, tmp_path, monkeypatch):
-    cfg = config_from_dict(tiny("frepo"))
-    reference = distill(cfg, tmp_path / "reference", progress=False, evaluate=False)
+@pytest.mark.parametrize("method", METHODS)
+def test_on_ray_with_a_killed_worker_and_in_process_give_the_same_set(ray_session, tmp_path, monkeypatch, method):
+    """Two workers on Ray, one killed mid-step: exactly one record per step, and the same set (images, learned labels,
+    the Platt temperature) as the run in process without Ray."""
     monkeypatch.setattr(DiesOnce, "marker", str(tmp_path / "marker"))
-    summary = distill(cfg, tmp_path / "run", progress=False, evaluate=False, hooks=Hooks(worker_cls=DiesOnce))
+    summary = distill(config_from_dict(tiny(method)), tmp_path / "ray", progress=False, evaluate=False,
+                      hooks=Hooks(worker_cls=DiesOnce))
     assert (tmp_path / "marker").exists()  # the worker really died
-    assert summary["status"]["applied_steps"] == reference["status"]["applied_steps"] == list(range(STEPS))
-    assert [r["step"] for r in steps_logged(tmp_path / "run")] == list(range(1, STEPS + 1))
-    same = [read_distilled(tmp_path / d / "distilled.parquet") for d in ("reference", "run")]
-    assert torch.equal(same[0].images, same[1].images) and torch.equal(same[0].soft_labels, same[1].soft_labels)
+    assert summary["status"]["applied_steps"] == list(range(STEPS))
+    assert main(["distill", "--preset", str(preset(tmp_path, method)), "--out", str(tmp_path / "process"), "--quiet",
+                 "--no-eval", "--in-process"]) == 0
+    sets = {}
+    for where in ("ray", "process"):
+        records = steps_logged(tmp_path / where)
+        assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+        assert all(len(r["stats"]) == 2 and all(0 <= s["target_accuracy"] <= 1 for s in r["stats"]) for r in records)
+        sets[where] = read_distilled(tmp_path / where / "distilled.parquet")
+    ray_set, process_set = sets["ray"], sets["process"]
+    assert ray_set.metadata["method"] == method and torch.isfinite(ray_set.images).all()
+    assert torch.equal(ray_set.images, process_set.images)
+    assert (ray_set.soft_labels is not None) == (method != "rfad")
+    if ray_set.soft_labels is not None:
+        assert torch.equal(ray_set.soft_labels, process_set.soft_labels)
+    learned = ray_set.metadata.get("learned", {})
+    assert (PLATT in learned) == (method == "rfad")  # the learned temperature travels with the set
+    assert learned == process_set.metadata.get("learned", {})
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_boost_in_process(tmp_path, method):
+    out = tmp_path / "boost"
+    assert main(["boost", "--preset", str(preset(tmp_path, method)), "--out", str(out), "--quiet", "--no-eval",
+                 "--in-process", "--block", "1", "--blocks", "2", "--steps-per-block", "2"]) == 0
+    dset = read_distilled(out / "distilled.parquet")
+    assert dset.ipc == 2 and sorted(set(dset.blocks.tolist())) == [0, 1]

@@ -2,6 +2,7 @@
 labels, Platt temperature) against float64 central differences, the kernels against hand-written references, the
 seeded pool, a few updates lowering each loss on Fashion-MNIST, and the bad values (in one process, no Ray)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -16,7 +17,7 @@ from raydistill.data.registry import load_dataset
 from raydistill.engine.worker import method_resources
 from raydistill.methods.base import IMAGES, SOFT_LABELS, WorkerResources
 from raydistill.methods.krr.common import PLATT
-from raydistill.methods.krr.config import FrepoConfig
+from raydistill.methods.krr.config import FrepoConfig, KipConfig, RfadConfig
 from raydistill.methods.krr.frepo import member_age
 from raydistill.methods.krr.kip import jacobians, output_directions
 from raydistill.methods.krr.rfad import nngp_init_
@@ -215,13 +216,18 @@ def test_the_krr_methods_are_registered():
     assert set(METHODS) <= set(method_names())
 
 
-BAD_VALUES = [(f"{m}.{field}={value}", f"{m}.{field}")
-              for m in METHODS for field, value in [("reg", 0), ("reg", -1e-6), ("reg", ".nan"), ("batch_real", 0)]]
-BAD_VALUES += [("frepo.pool_size=0", "frepo.pool_size"), ("rfad.models=0", "rfad.models"),
-               ("kip.models=0", "kip.models"), ("frepo.max_online_steps=0", "frepo.max_online_steps"),
-               ("frepo.lr_net=.nan", "frepo.lr_net"), ("frepo.batch_train=0", "frepo.batch_train"),
-               ("rfad.loss=hinge", "rfad.loss"), ("rfad.platt_lr_scale=0", "rfad.platt_lr_scale"),
-               ("kip.output_projections=-1", "kip.output_projections"), ("kip.float64=maybe", "kip.float64")]
+SECTIONS = {"frepo": FrepoConfig, "rfad": RfadConfig, "kip": KipConfig}
+BAD_BY_TYPE = {"float": [0, -1e-6, ".nan"], "int": [0], "bool": ["maybe"], "str": ["hinge"]}  # annotations as text
+BAD_VALUES = [(f"{m}.{f.name}={v}", f"{m}.{f.name}") for m, cls in SECTIONS.items() for f in dataclasses.fields(cls)
+              for v in ([-1] if f.name == "output_projections" else BAD_BY_TYPE[f.type])]
+
+
+def test_every_krr_setting_has_bad_value_cases_lambda_nan_and_an_empty_pool_among_them():
+    cases = {override for override, _ in BAD_VALUES}
+    assert {f"{m}.{f.name}" for m, cls in SECTIONS.items() for f in dataclasses.fields(cls)} == {
+        field for _, field in BAD_VALUES}
+    assert {"frepo.reg=0", "rfad.reg=-1e-06", "kip.reg=.nan", "frepo.pool_size=0", "rfad.models=0",
+            "kip.models=0"} <= cases
 
 
 @pytest.mark.parametrize("override,field", BAD_VALUES, ids=[b[0] for b in BAD_VALUES])
