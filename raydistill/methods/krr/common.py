@@ -66,6 +66,15 @@ def in_chunks(fn, x: Tensor, chunk: int = FEATURE_CHUNK) -> Tensor:
     return torch.cat([fn(x[i:i + chunk]) for i in range(0, x.shape[0], chunk)])
 
 
+def feature_kernels(featurise, images: Tensor, real: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, int]:
+    """(F_s F_s^T, F_t F_s^T, features) in `dtype`: the support's features with a graph into `images`, the target
+    batch's without one, in chunks."""
+    with torch.no_grad():
+        f_t = in_chunks(featurise, real).to(dtype)
+    f_s = featurise(images).to(dtype)
+    return f_s @ f_s.T, f_t @ f_s.T, int(f_s.shape[1])
+
+
 def solve_dtype(section: KrrConfig, like: Tensor) -> torch.dtype:
     return torch.float64 if section.float64 else like.dtype
 

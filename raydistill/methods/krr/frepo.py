@@ -27,7 +27,7 @@ from torch import Tensor
 
 from raydistill.config.schema import DistillConfig
 from raydistill.data.augment import augment
-from raydistill.methods.krr.common import KrrContext, KrrMethod, derived_seed, in_chunks, solve_dtype
+from raydistill.methods.krr.common import KrrContext, KrrMethod, derived_seed, feature_kernels, solve_dtype
 from raydistill.methods.krr.config import FrepoConfig, validate_frepo
 from raydistill.methods.krr.solver import centred_targets, mse_loss
 from raydistill.models.registry import network_from_seed
@@ -84,12 +84,8 @@ class Frepo(KrrMethod):
         train_member(model, images, targets, section, age, rng, aug)
         net_s = time.perf_counter() - start
         model.eval().requires_grad_(False)
-        dtype = solve_dtype(section, images)
-        with torch.no_grad():
-            f_t = in_chunks(lambda x: model.features(x).flatten(1), real).to(dtype)
-        f_s = model.features(images).flatten(1).to(dtype)
-        stats = {"member": member, "age": age, "net_seconds": round(net_s, 4)}
-        return f_s @ f_s.T, f_t @ f_s.T, stats
+        k_ss, k_ts, _ = feature_kernels(lambda x: model.features(x).flatten(1), images, real, solve_dtype(section, images))
+        return k_ss, k_ts, {"member": member, "age": age, "net_seconds": round(net_s, 4)}
 
     def describe(self, s: FrepoConfig) -> str:
         return (f"frepo pool={s.pool_size} max_online_steps={s.max_online_steps} lr_net={s.lr_net} "

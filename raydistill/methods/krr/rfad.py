@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from raydistill.config.schema import DistillConfig
-from raydistill.methods.krr.common import KrrContext, KrrMethod, in_chunks, solve_dtype
+from raydistill.methods.krr.common import KrrContext, KrrMethod, feature_kernels, solve_dtype
 from raydistill.methods.krr.config import RfadConfig, validate_rfad
 from raydistill.models.registry import network_from_seed
 
@@ -67,13 +67,9 @@ class Rfad(KrrMethod):
             if section.nngp_init:
                 nngp_init_(model, rng)
             models.append(model.to(device=images.device, dtype=images.dtype).eval().requires_grad_(False))
-        dtype = solve_dtype(section, images)
-        with torch.no_grad():
-            f_t = in_chunks(lambda x: random_features(models, x), real).to(dtype)
-        f_s = random_features(models, images).to(dtype)
-        k_ss = WEIGHT_VARIANCE * (f_s @ f_s.T) + BIAS_VARIANCE
-        k_ts = WEIGHT_VARIANCE * (f_t @ f_s.T) + BIAS_VARIANCE
-        return k_ss, k_ts, {"features": int(f_s.shape[1])}
+        k_ss, k_ts, features = feature_kernels(lambda x: random_features(models, x), images, real,
+                                               solve_dtype(section, images))
+        return WEIGHT_VARIANCE * k_ss + BIAS_VARIANCE, WEIGHT_VARIANCE * k_ts + BIAS_VARIANCE, {"features": features}
 
     def describe(self, s: RfadConfig) -> str:
         return f"rfad models={s.models} loss={s.loss} batch_real={s.batch_real} reg={s.reg:g}"
